@@ -1,0 +1,295 @@
+"""Helpers shared by the method files and toyworld.py: nothing here is what a paper is about.
+
+Device and dtype, seeding, clear input errors, image/video I/O (imageio) and resizing (torchvision), prompt
+encoding with a cache, the noise/target arithmetic of the three prediction types, peft LoRA helpers, atomic
+checkpoints, a NaN guard, the log line, and sample writing (mp4, gif, lossless PNG frames, side-by-side grid).
+"""
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif")
+
+# -----------------------------------------------------------------------------
+# setup
+
+
+def device_and_dtype():
+    """CUDA if present (frozen weights in bf16), else the CPU in fp32. Trainable parameters stay fp32 anyway."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fail(message):
+    """A bad input ends the run with one line (what is wrong, what to do), exit code 2 and no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# -----------------------------------------------------------------------------
+# images and videos: tensors (3, H, W) / (F, 3, H, W) in [-1, 1]
+
+
+def list_images(folder):
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+
+def to_tensor(image):
+    """One uint8 image (H, W[, C]) -> float (3, H, W) in [-1, 1]; grey is repeated, alpha is dropped."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).float() / 127.5 - 1
+    x = x[..., None] if x.ndim == 2 else x
+    return x.movedim(-1, 0)[:3].expand(3, -1, -1)
+
+
+def to_uint8(x):
+    """float (..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3)."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).numpy()
+
+
+def resize_crop(x, size):
+    """Resize the shorter side to fit, then centre crop to size = (H, W) (torchvision)."""
+    h, w = size
+    scale = max(h / x.shape[-2], w / x.shape[-1])
+    new = (max(h, round(x.shape[-2] * scale)), max(w, round(x.shape[-1] * scale)))
+    if tuple(x.shape[-2:]) != new:
+        x = TF.resize(x, list(new), antialias=True)
+    return TF.center_crop(x, [h, w])
+
+
+def read_image(path, size=None):
+    try:
+        x = to_tensor(iio.imread(path))
+    except Exception as e:
+        fail(f"cannot read image {path}: {e}")
+    return resize_crop(x, size) if size else x
+
+
+def read_video(path, num_frames, size=None, start=0, end=None, stride=None):
+    """Read `num_frames` frames of a video file or PNG-frame folder, spread uniformly over [start, end) (or every
+    `stride`-th frame from start), resized/cropped to size. Too short a clip is a clear error."""
+    path = Path(path)
+    try:
+        frames = [iio.imread(p) for p in list_images(path)] if path.is_dir() else list(iio.imiter(path))
+    except Exception as e:
+        fail(f"cannot read video {path}: {e}")
+    end = len(frames) if end is None else min(end, len(frames))
+    if stride:
+        idx = list(range(start, end, stride))[:num_frames]
+    else:
+        idx = np.linspace(start, end - 1, num_frames).round().astype(int).tolist() if end - start >= num_frames \
+            else []
+    if len(idx) < num_frames:
+        fail(f"{path} has {len(frames)} frames, {num_frames} are needed (from frame {start}"
+             f"{f', stride {stride}' if stride else ''}): use a longer clip or fewer --num-frames")
+    x = torch.stack([to_tensor(frames[i]) for i in idx])
+    return resize_crop(x, size) if size else x
+
+
+def write_frames(folder, video):
+    """Lossless: one PNG per frame. Use this for anything that is measured (mp4 at 32x32 is badly lossy)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(to_uint8(video)):
+        iio.imwrite(folder / f"{i:03d}.png", frame)
+
+
+def write_video(path, video, fps=8, upscale=1):
+    """mp4 or gif, for looking at. `upscale` repeats pixels so that 32x32 toy clips are visible."""
+    frames = to_uint8(video)
+    if upscale > 1:
+        frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gif":
+        iio.imwrite(path, frames, duration=1000 / fps, loop=0)
+    else:  # yuv420p needs even sizes; quality 9 keeps small clips readable
+        iio.imwrite(path, frames, fps=fps, codec="libx264", quality=9, macro_block_size=2)
+
+
+def side_by_side(videos):
+    """Place clips (F_i, 3, H, W) left to right, resizing to the first one's height and padding short clips by
+    holding their last frame (a still image is a one-frame clip)."""
+    h, n = videos[0].shape[-2], max(v.shape[0] for v in videos)
+    out = []
+    for v in videos:
+        if v.shape[-2] != h:
+            v = TF.resize(v, [h, round(v.shape[-1] * h / v.shape[-2])], antialias=True)
+        out.append(torch.cat([v, v[-1:].expand(n - v.shape[0], *v.shape[1:])]) if v.shape[0] < n else v)
+    return torch.cat(out, dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# prompts: encoded once per run, so the text encoder can be freed before training
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts, max_length, zero_pad=False, cache=None):
+    """Embeddings (N, L, D) of the prompts, in order. zero_pad=True zeroes the padded positions (what WanPipeline does); CogVideoX
+    and ZeroScope use the encoder's raw outputs at pad positions. `cache` is a dict reused across calls."""
+    cache = {} if cache is None else cache
+    todo = [p for p in dict.fromkeys(prompts) if p not in cache]
+    if todo:
+        tok = tokenizer(todo, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        dev = next(text_encoder.parameters()).device
+        ids, mask = tok.input_ids.to(dev), tok.attention_mask.to(dev)
+        hidden = text_encoder(ids, attention_mask=mask if zero_pad else None).last_hidden_state
+        if zero_pad:
+            hidden = hidden * mask[..., None]
+        cache.update({p: h for p, h in zip(todo, hidden)})
+    return torch.stack([cache[p] for p in prompts])
+
+
+# -----------------------------------------------------------------------------
+# diffusion arithmetic for the three prediction types; t is per sample: sigma in [0, 1] for "flow",
+# an integer timestep into alphas_cumprod for "v" and "eps"
+
+
+def _bcast(a, x):
+    return a.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+
+
+def noisy_and_target(kind, x0, noise, t, alphas_cumprod=None):
+    """Returns (x_t, target). flow: x_t = (1 - s) x0 + s eps, v = eps - x0 (Wan). v: x_t = sqrt(ab) x0 +
+    sqrt(1 - ab) eps, v = sqrt(ab) eps - sqrt(1 - ab) x0 (CogVideoX). eps: same x_t, target eps (ZeroScope)."""
+    if kind == "flow":
+        s = _bcast(t, x0)
+        return (1 - s) * x0 + s * noise, noise - x0
+    ab = _bcast(alphas_cumprod.to(x0.device)[t], x0)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    return x_t, (ab.sqrt() * noise - (1 - ab).sqrt() * x0 if kind == "v" else noise)
+
+
+def predicted_x0(kind, x_t, out, t, alphas_cumprod=None):
+    """The one-step estimate of the clean sample from a model output (flow: x0 = x_t - s v)."""
+    if kind == "flow":
+        return x_t - _bcast(t, x_t) * out
+    ab = _bcast(alphas_cumprod.to(x_t.device)[t], x_t)
+    if kind == "v":
+        return ab.sqrt() * x_t - (1 - ab).sqrt() * out
+    return (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
+
+
+# -----------------------------------------------------------------------------
+# peft LoRA: add, find, scale per layer and per step, save/load in diffusers format
+
+
+def add_lora(model, name, rank, targets, alpha=None, dropout=0.0, **extra):
+    """Add a peft LoRA named `name` (the base weights are frozen by add_adapter) with fp32 LoRA weights."""
+    from peft import LoraConfig
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=targets,
+                     init_lora_weights=True, **extra)
+    model.add_adapter(cfg, adapter_name=name)
+    for n, p in model.named_parameters():
+        if f".{name}." in n:
+            p.data = p.data.float()
+    return [p for n, p in model.named_parameters() if f".{name}." in n]
+
+
+def lora_layers(model):
+    """(module name, peft LoraLayer) for every LoRA-wrapped layer."""
+    from peft.tuners.lora import LoraLayer
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def set_lora_scale(layers, name, scale, where=None):
+    """Set adapter `name`'s scale on each layer (0.5 ms at real size, vs ~35 ms for set_adapters), or on the
+    layers whose module name satisfies where(name) and 0 elsewhere when `where` is given."""
+    for n, m in layers:
+        if name in m.lora_A:
+            m.set_scale(name, scale if where is None or where(n) else 0.0)
+
+
+def save_lora(pipeline_cls, model, name, folder):
+    """diffusers LoRA format: folder/pytorch_lora_weights.safetensors, loadable with pipe.load_lora_weights."""
+    from peft.utils import get_peft_model_state_dict
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    pipeline_cls.save_lora_weights(str(folder), transformer_lora_layers=state)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints, NaN guard, logging
+
+
+def save_atomic(obj, path, save=torch.save):
+    """Write to a temporary file, then rename: an interrupted run never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save(obj, str(tmp))
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path):
+    if not Path(path).is_file():
+        fail(f"no checkpoint at {path}: run without --resume to start a new training")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def check_finite(loss, step):
+    """Stop at the first non-finite loss with what to try, instead of training on garbage."""
+    if not torch.isfinite(loss).all():
+        raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower the learning rate, check the inputs, "
+                         f"or use fp32 (--dtype float32)")
+
+
+class StepLog:
+    """One line per interval on the tqdm bar's stream, and every logged step appended to log.jsonl."""
+
+    def __init__(self, path, every=10):
+        self.path, self.every, self.t0 = Path(path), every, time.time()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, step, bar=None, **values):
+        values = {k: float(v) for k, v in values.items()}
+        if bar is not None:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
+        if step % self.every == 0:
+            ms = (time.time() - self.t0) * 1000 / self.every
+            self.t0 = time.time()
+            line = f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()) + f", time {ms:.0f}ms"
+            (bar.write if bar is not None else print)(line)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def cogvideox_rotary(transformer, frames, height, width):
+    """CogVideoX 1.0's 3D rotary embedding (cos, sin) for a latent grid of frames x height x width, built as
+    CogVideoXPipeline builds it (the transformer expects it as an argument)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+    cfg, p = transformer.config, transformer.config.patch_size
+    grid = (height // p, width // p)
+    crops = get_resize_crop_region_for_grid(grid, cfg.sample_width // p, cfg.sample_height // p)
+    return get_3d_rotary_pos_embed(cfg.attention_head_dim, crops, grid_size=grid, temporal_size=frames,
+                                   device=transformer.device)

@@ -1,0 +1,137 @@
+import json
+
+import pytest
+import torch
+
+import common
+import toyworld as tw
+
+
+def test_lossless_png_frames_round_trip(tmp_path):
+    clip = tw.motion_clip()
+    common.write_frames(tmp_path / "clip", clip)
+    back = common.read_video(tmp_path / "clip", tw.NUM_FRAMES)
+    assert (common.to_uint8(back) == common.to_uint8(clip)).all()
+
+
+def test_mp4_and_gif_are_written_and_readable(tmp_path):
+    clip = tw.motion_clip()
+    for name in ("a.mp4", "a.gif"):
+        common.write_video(tmp_path / name, clip, fps=4, upscale=2)
+        assert common.read_video(tmp_path / name, tw.NUM_FRAMES).shape == (9, 3, 64, 64)
+
+
+def test_read_video_samples_uniformly_and_rejects_short_clips(tmp_path, capsys):
+    clip = torch.linspace(-1, 1, 17)[:, None, None, None].expand(17, 3, 4, 4)  # frame i has value ~ i
+    common.write_frames(tmp_path / "ramp", clip)
+    got = common.read_video(tmp_path / "ramp", 9)
+    assert torch.allclose(got[:, 0, 0, 0], clip[::2, 0, 0, 0], atol=1 / 127)
+    assert torch.allclose(common.read_video(tmp_path / "ramp", 3, stride=4)[:, 0, 0, 0], clip[[0, 4, 8], 0, 0, 0],
+                          atol=1 / 127)
+    with pytest.raises(SystemExit) as e:
+        common.read_video(tmp_path / "ramp", 49)
+    assert e.value.code == 2 and "has 17 frames, 49 are needed" in capsys.readouterr().err
+
+
+def test_missing_files_give_one_clear_line(tmp_path, capsys):
+    for call in (lambda: common.read_image(tmp_path / "nope.png"), lambda: common.read_video(tmp_path / "no.mp4", 9),
+                 lambda: common.load_checkpoint(tmp_path / "ckpt.pt")):
+        with pytest.raises(SystemExit) as e:
+            call()
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_resize_crop_keeps_the_centre():
+    x = torch.zeros(3, 40, 80)
+    x[:, :, 20:60] = 1  # the central square
+    y = common.resize_crop(x, (20, 20))
+    assert y.shape == (3, 20, 20) and y[..., 1:-1].min() > 0.99  # (the outer columns blend antialiased)
+
+
+def test_atomic_save_never_leaves_a_broken_file(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    common.save_atomic({"step": 1}, path)
+
+    def crash(obj, p):
+        open(p, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        common.save_atomic({"step": 2}, path, save=crash)
+    assert common.load_checkpoint(path)["step"] == 1
+
+
+def test_rng_state_round_trip():
+    state = common.rng_state()
+    a = torch.rand(3)
+    common.set_rng_state(state)
+    assert torch.equal(torch.rand(3), a)
+
+
+def test_check_finite_stops_with_a_message():
+    common.check_finite(torch.tensor(1.0), 0)
+    with pytest.raises(SystemExit, match="loss is nan at step 7"):
+        common.check_finite(torch.tensor(float("nan")), 7)
+
+
+@pytest.mark.parametrize("kind", ["flow", "v", "eps"])
+def test_predicted_x0_inverts_the_noising_with_the_true_target(kind):
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    ab = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
+    t = torch.tensor([0.3, 0.8]) if kind == "flow" else torch.tensor([10, 900])
+    x_t, target = common.noisy_and_target(kind, x0, noise, t, ab)
+    assert torch.allclose(common.predicted_x0(kind, x_t, target, t, ab), x0, atol=1e-5)
+
+
+def test_flow_matching_formulas_by_hand():
+    x0, noise, s = torch.ones(1, 2), torch.full((1, 2), 3.0), torch.tensor([0.25])
+    x_t, v = common.noisy_and_target("flow", x0, noise, s)
+    assert torch.allclose(x_t, torch.full((1, 2), 0.75 + 0.75)) and torch.allclose(v, torch.full((1, 2), 2.0))
+
+
+def test_encode_prompts_caches_and_keeps_order():
+    tok, enc = tw.tokenizer("t5"), tw.text_encoder("umt5")
+    cache = {}
+    out = common.encode_prompts(tok, enc, ["a red circle", "a blue square", "a red circle"], 16, True, cache)
+    assert out.shape == (3, 16, 32) and torch.equal(out[0], out[2]) and not torch.equal(out[0], out[1])
+    assert out[0, 4:].abs().sum() == 0  # zero_pad: 3 words + </s>, the rest zeroed as WanPipeline does
+    cache["a red circle"] = torch.zeros(16, 32)  # a cached prompt is not encoded again
+    assert common.encode_prompts(tok, enc, ["a red circle"], 16, True, cache).abs().sum() == 0
+
+
+def test_lora_scales_per_layer_and_save_load(tmp_path):
+    from diffusers import WanPipeline
+    model = tw.build_backbone("wan")
+    params = common.add_lora(model, "subject", 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    assert params and all(p.requires_grad and p.dtype == torch.float32 for p in params)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora" not in n)
+    layers = common.lora_layers(model)
+    common.set_lora_scale(layers, "subject", 0.5, where=lambda n: n.endswith("to_q"))
+    for n, m in layers:
+        assert m.scaling["subject"] == (0.5 if n.endswith("to_q") else 0.0)
+    for p in params:
+        torch.nn.init.normal_(p)
+    common.save_lora(WanPipeline, model, "subject", tmp_path / "subject_lora")
+    fresh = tw.build_backbone("wan")
+    fresh.load_lora_adapter(str(tmp_path / "subject_lora"), weight_name="pytorch_lora_weights.safetensors",
+                            adapter_name="subject")
+    a = dict((n.replace(".subject", ""), p) for n, p in model.named_parameters() if "lora" in n)
+    b = dict((n.replace(".subject", ""), p) for n, p in fresh.named_parameters() if "lora" in n)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].float()) for k in a)
+
+
+def test_side_by_side_pads_stills_and_resizes():
+    still, clip = torch.zeros(1, 3, 16, 16), torch.ones(9, 3, 32, 32)
+    grid = common.side_by_side([clip, still])
+    assert grid.shape == (9, 3, 32, 64) and grid[:, :, :, 32:].abs().max() == 0
+
+
+def test_step_log_writes_jsonl(tmp_path, capsys):
+    log = common.StepLog(tmp_path / "log.jsonl", every=2)
+    for step in range(1, 5):
+        log(step, loss=1.0 / step)
+    lines = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [2, 4] and "step 4: loss 0.25" in capsys.readouterr().out

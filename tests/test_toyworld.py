@@ -1,0 +1,166 @@
+import json
+
+import pytest
+import torch
+
+import common
+import toyworld as tw
+
+
+def test_renderer_is_deterministic_and_in_range():
+    concepts = tw.random_concepts(6, torch.Generator().manual_seed(3))
+    a = tw.render(concepts, torch.Generator().manual_seed(1))
+    b = tw.render(concepts, torch.Generator().manual_seed(1))
+    c = tw.render(concepts, torch.Generator().manual_seed(2))
+    assert a.shape == (6, 9, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_pretraining_data_never_shows_novel_concepts_or_placeholders():
+    gen = torch.Generator().manual_seed(0)
+    concepts = tw.random_concepts(3000, gen)
+    novel = set(tw.NOVEL_SHAPES) | set(tw.NOVEL_PATTERNS) | set(tw.PLACEHOLDERS)
+    novel_motion = {tw.MOTION_WORDS[m] for m in tw.NOVEL_MOTIONS}
+    for c in concepts:
+        assert not tw.is_heldout_combo(c)
+        for image in (False, True):
+            cap = tw.caption(c, image=image)
+            assert not novel & set(cap.split()) and not any(m in cap for m in novel_motion), cap
+    # all pretraining words are used, and the held-out combinations exist (about 1/8)
+    assert {c["shape"] for c in concepts} == set(tw.PRE_SHAPES)
+    assert {c["motion"] for c in concepts} == set(tw.PRE_MOTIONS)
+    held = tw.random_concepts(200, gen, heldout=True)
+    assert all(tw.is_heldout_combo(c) for c in held)
+
+
+def test_tokenizer_round_trip_and_placeholders():
+    tok = tw.tokenizer("t5")
+    cap = "a sks star moving in a zigzag on a white background"
+    ids = tok(cap).input_ids
+    assert ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == cap
+    assert len(tok("<cls> star").input_ids) == 3  # '<cls>' is one token
+    assert tok("a zebra").input_ids[1] == tok.unk_token_id
+    clip = tw.tokenizer("clip")(cap).input_ids
+    assert clip[0] == tok.bos_token_id and clip[1:] == ids
+    assert max(len(tok(tw.caption(c)).input_ids) for c in tw.random_concepts(50, torch.Generator())) \
+        <= tw.MAX_TOKENS - 1
+
+
+def test_pixel_vae_is_lossless_and_looks_like_a_vae():
+    vae = tw.PixelVAE()
+    x = torch.rand(2, 3, 9, 32, 32) * 2 - 1
+    z = vae.encode(x).latent_dist.sample()
+    assert z.shape == (2, 48, 9, 8, 8) and torch.equal(vae.decode(z).sample, x)
+    assert vae.encode(x[:, :, 0]).latent_dist.mode().shape == (2, 48, 8, 8)
+    # one latent token holds one 4x4 pixel patch of one frame
+    assert torch.equal(z[0, :, 3, 1, 2].view(3, 4, 4), x[0, :, 3, 4:8, 8:12])
+
+
+@pytest.mark.parametrize("family", list(tw.FAMILIES))
+def test_backbone_learns_a_fixed_batch_and_samples(family):
+    torch.manual_seed(0)
+    fam, gen = tw.FAMILIES[family], torch.Generator().manual_seed(0)
+    model = tw.build_backbone(family).train()
+    tok, enc = tw.tokenizer("clip" if fam["text"] == "clip" else "t5"), tw.text_encoder(fam["text"])
+    concepts = tw.random_concepts(4, gen)
+    text = common.encode_prompts(tok, enc, [tw.caption(c) for c in concepts], tw.MAX_TOKENS, fam["zero_pad"])
+    z0 = tw.PixelVAE().encode(tw.render(concepts, gen).transpose(1, 2)).latent_dist.sample()
+    noise, t = torch.randn(z0.shape, generator=gen), tw.sample_timesteps(family, 4, gen)
+    sched = tw.noise_schedule(family)
+    z_t, target = common.noisy_and_target(fam["pred"], z0, noise, t, getattr(sched, "alphas_cumprod", None))
+    t_in = t * 1000 if fam["pred"] == "flow" else t
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(20):
+        loss = torch.nn.functional.mse_loss(tw.backbone_forward(family, model, z_t, t_in, text), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
+    model.eval()
+    uncond = common.encode_prompts(tok, enc, [""], tw.MAX_TOKENS, fam["zero_pad"])
+    video = tw.sample(family, model, text[:2], uncond, steps=3, gen=torch.Generator().manual_seed(0))
+    assert video.shape == (2, 9, 3, 32, 32) and torch.isfinite(video).all()
+
+
+def test_recognition_is_exact_on_rendered_ground_truth():
+    gen = torch.Generator().manual_seed(1)
+    concepts = [dict(colour=list(tw.COLOURS)[i % 6], shape=tw.SHAPES[i % 7], pattern=tw.PATTERNS[(i // 7) % 4],
+                     motion=tw.MOTIONS[(i // 3) % 7], background=list(tw.BACKGROUNDS)[(i // 2) % 4])
+                for i in range(56)]
+    for c, clip in zip(concepts, tw.render(concepts, gen)):
+        assert all(tw.prompt_following(clip, c).values()), c
+
+
+def test_customization_metrics_on_ground_truth():
+    gen = torch.Generator().manual_seed(5)
+    images, _ = tw.subject_images()
+    ref = tw.motion_clip()
+    ideal = tw.render([dict(tw.SUBJECT, motion="zigzag", background="white")], gen)[0]
+    m = tw.evaluate(ideal, images, ref)
+    assert m["identity"] == 1 and m["motion"] > 0.99 and m["leakage"] == 0 and m["dynamics"] > 3
+    copy = tw.evaluate(ref, images, ref)  # the motion video itself: all leakage, no identity
+    assert copy["identity"] == 0 and copy["leakage"] == 1
+    other = tw.render([dict(colour="green", shape="cross", pattern="checkered", motion="zigzag",
+                            background="black")], gen)[0]
+    assert tw.evaluate(other, images, ref)["identity"] == 0
+    static = tw.render([dict(tw.SUBJECT, motion="still", background="white")], gen)[0]
+    s = tw.evaluate(static, images, ref)
+    assert s["dynamics"] < 0.1 and abs(s["motion"]) < 0.1
+    right = tw.render([dict(tw.MOTION_SPRITE, motion="right", background="gray")], gen)[0]
+    assert tw.motion_score(tw.centroids(tw.segment(right.flip(0))[1]), tw.centroids(tw.segment(right)[1])) < -0.99
+
+
+def test_eval_cli_on_lossless_and_mp4_files(tmp_path):
+    ideal = tw.render([dict(tw.SUBJECT, motion="zigzag", background="white")], torch.Generator())[0]
+    common.write_frames(tmp_path / "ideal", ideal)
+    common.write_video(tmp_path / "ideal.mp4", ideal)
+    rows = tw.main(["eval", str(tmp_path / "ideal"), str(tmp_path / "ideal.mp4"), "--json", str(tmp_path / "m.json")])
+    assert rows[str(tmp_path / "ideal")]["identity"] == 1
+    assert json.loads((tmp_path / "m.json").read_text()) == rows
+
+
+def test_bundled_assets_match_the_code():
+    images = [common.read_image(p) for p in common.list_images(tw.ASSETS / "toy" / "subject")]
+    assert 3 <= len(images) <= 5 and tw.reference_factors(images) == tw.SUBJECT
+    masks = common.list_images(tw.ASSETS / "toy" / "subject" / "masks")
+    assert [p.name for p in masks] == [p.name for p in common.list_images(tw.ASSETS / "toy" / "subject")]
+    clip = common.read_video(tw.ASSETS / "toy" / "motion", tw.NUM_FRAMES)
+    assert (common.to_uint8(clip) == common.to_uint8(tw.motion_clip())).all()
+    assert tw.classify_motion(tw.centroids(tw.segment(clip)[1])) == "zigzag"
+
+
+def test_shipped_encoders_load_and_are_frozen():
+    for kind in ("umt5", "t5", "clip"):
+        enc = tw.text_encoder(kind)
+        assert not any(p.requires_grad for p in enc.parameters())
+    dino = tw.image_encoder("dinov2")
+    out = dino(torch.zeros(1, 3, 32, 32)).last_hidden_state
+    assert out.shape == (1, 1 + 64, 32)  # CLS + an 8x8 patch grid, the toy latent grid
+    assert tw.image_encoder("clip_vision")(torch.zeros(1, 3, 32, 32)).image_embeds.shape == (1, 32)
+
+
+def test_pretrain_runs_resumes_and_exports(tmp_path):
+    out, ckpt = tmp_path / "wan.safetensors", tmp_path / "ckpt.pt"
+    base = ["pretrain", "--family", "wan", "--batch", "4", "--out", str(out), "--ckpt", str(ckpt),
+            "--log-every", "1", "--save-every", "2", "--image-every", "2"]
+    tw.main(base + ["--steps", "4"])
+    straight = tw.load_backbone("wan", out).state_dict()
+    tw.main(base + ["--steps", "2"])
+    tw.main(base + ["--steps", "4", "--resume"])
+    resumed = tw.load_backbone("wan", out).state_dict()
+    assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["steps"] == "4" and meta["samples_seen"] == "16" and json.loads(meta["config"])["num_layers"] == 4
+
+
+def test_missing_backbone_is_a_warning_or_a_clear_error(tmp_path, capsys):
+    model = tw.load_backbone("cogvideox", tmp_path / "none.safetensors")
+    assert "randomly initialised" in capsys.readouterr().out and isinstance(model, torch.nn.Module)
+    with pytest.raises(SystemExit) as e:
+        tw.load_backbone("cogvideox", tmp_path / "none.safetensors", require=True)
+    assert e.value.code == 2

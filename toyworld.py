@@ -1,0 +1,786 @@
+"""The toy world: a tiny, fully known video world in which every method can learn and be measured on a CPU.
+
+No real weights can be downloaded where this project runs, and random tiny models only prove plumbing. So this
+file renders procedural videos (a sprite = shape x colour x pattern, moving along a trajectory over a plain
+background, 9 frames of 32x32), writes their captions, and keeps some shapes, a pattern and a motion out of
+pretraining: those are the *novel subjects and motions* that customization must teach, as a user's dog or dance
+is new to a real backbone. It also holds the toy backbones (the real diffusers classes at tiny size), their
+pretraining, frozen tiny stand-ins for the papers' encoders (text encoders, DINOv2, CLIP vision, RAFT), and the
+toy metrics, measured from pixels against the known rendering (no learned classifier).
+
+    python toyworld.py pretrain --family wan            # or cogvideox / unet3d; --resume continues
+    python toyworld.py eval VIDEO --subject assets/toy/subject --motion assets/toy/motion
+    python toyworld.py eval-base --family wan           # prompt following of a pretrained toy backbone
+    python toyworld.py make-assets                      # re-create assets/ (encoders, tokenizer, toy inputs)
+"""
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+# -----------------------------------------------------------------------------
+# vocabulary: what exists in the world, and what pretraining never sees
+
+COLOURS = {  # bright RGB in [0, 1]; a pattern's second shade is the same colour darkened (DARK x)
+    "red": (1.0, 0.15, 0.1), "green": (0.15, 0.85, 0.15), "blue": (0.2, 0.4, 1.0),
+    "yellow": (1.0, 0.9, 0.1), "magenta": (0.95, 0.2, 0.9), "cyan": (0.1, 0.9, 0.95),
+}
+DARK = 0.4
+BACKGROUNDS = {"gray": (0.5, 0.5, 0.5), "white": (0.95, 0.95, 0.95), "black": (0.05, 0.05, 0.05),
+               "beige": (0.85, 0.78, 0.6)}
+SHAPES = ["circle", "square", "triangle", "diamond", "cross", "star", "ring"]
+PATTERNS = ["solid", "striped", "checkered", "dotted"]
+MOTIONS = ["left", "right", "up", "down", "circle", "still", "zigzag"]
+MOTION_WORDS = {"left": "moving left", "right": "moving right", "up": "moving up", "down": "moving down",
+                "circle": "moving in a circle", "still": "standing still", "zigzag": "moving in a zigzag"}
+# held out of pretraining: what customization has to teach (colours and backgrounds are all familiar)
+NOVEL_SHAPES, NOVEL_PATTERNS, NOVEL_MOTIONS = ["star", "ring"], ["dotted"], ["zigzag"]
+PRE_SHAPES = [s for s in SHAPES if s not in NOVEL_SHAPES]
+PRE_PATTERNS = [p for p in PATTERNS if p not in NOVEL_PATTERNS]
+PRE_MOTIONS = [m for m in MOTIONS if m not in NOVEL_MOTIONS]
+PLACEHOLDERS = ["sks", "<cls>"]  # in the tokenizer, never in a pretraining caption
+# the bundled customization task: a novel subject (new shape and pattern) and a novel motion done by a familiar
+# sprite that shares no factor with the subject, so that leakage of the motion video's looks can be measured
+SUBJECT = dict(colour="yellow", shape="star", pattern="dotted")
+NEAREST = {"star": "diamond", "ring": "circle", "dotted": "checkered", "zigzag": "right"}  # familiar look-alikes
+MOTION_SPRITE = dict(colour="blue", shape="square", pattern="striped")
+NUM_FRAMES, SIZE, RADIUS = 9, 32, 6.0  # 4k+1 frames, as the diffusers pipelines and real VAEs expect
+
+
+def caption(c, image=False, word=None):
+    """'a red striped square moving left on a gray background'; `word` replaces 'pattern shape' (e.g. 'sks star')."""
+    sprite = word or f"{c['pattern']} {c['shape']}"
+    if image:
+        return f"a picture of a {c['colour']} {sprite} on a {c['background']} background"
+    return f"a {c['colour']} {sprite} {MOTION_WORDS[c['motion']]} on a {c['background']} background"
+
+
+def is_heldout_combo(c):
+    """A fixed ~1/8 of the pretraining combinations is never trained on, so that prompt following is measured on
+    combinations of familiar words the backbone has not seen together."""
+    key = f"{c['colour']}|{c['shape']}|{c['pattern']}|{c['motion']}|{c['background']}"
+    return sum(key.encode()) * 2654435761 % 8 == 0
+
+
+def random_concepts(n, gen, heldout=False):
+    """n factor dicts of pretraining words: training combinations, or (heldout=True) the held-out ones."""
+    out = []
+    while len(out) < n:
+        pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]
+        c = dict(colour=pick(list(COLOURS)), shape=pick(PRE_SHAPES), pattern=pick(PRE_PATTERNS),
+                 motion=pick(PRE_MOTIONS), background=pick(list(BACKGROUNDS)))
+        if is_heldout_combo(c) == heldout:
+            out.append(c)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# renderer: vectorised over a batch, so pretraining spends its time on the model, not on drawing
+
+def trajectory(motion, n, gen, frames=NUM_FRAMES):
+    """Sprite centres (n, frames, 2) in pixels (x right, y down) with random start jitter and phase."""
+    t = torch.linspace(0, 1, frames)
+    c = SIZE / 2 - 0.5
+    jit = (torch.rand(n, 2, generator=gen) * 2 - 1)  # in [-1, 1]
+    phase = torch.rand(n, 1, generator=gen) * 2 * math.pi
+    span = 12.0  # linear motions travel 12 px over the clip (1.5 px per frame)
+    along = (t - 0.5) * span + 2 * jit[:, :1]                       # (n, frames)
+    across = 4 * jit[:, 1:].expand(n, frames)
+    if motion in ("left", "right", "up", "down"):
+        sign = -1 if motion in ("left", "up") else 1
+        x, y = (sign * along, across) if motion in ("left", "right") else (across, sign * along)
+    elif motion == "circle":  # one clockwise turn (in image coordinates) of radius 6
+        ang = phase + t * 2 * math.pi * (frames - 1) / frames
+        x, y = 6 * torch.cos(ang) + 2 * jit[:, :1], 6 * torch.sin(ang) + 2 * jit[:, 1:]
+    elif motion == "still":
+        x, y = 4 * jit[:, :1].expand(n, frames), across
+    elif motion == "zigzag":  # left to right while hopping 5 px up and down every frame
+        x = along
+        y = 2 * jit[:, 1:] + 2.5 * (1 - 2 * (torch.arange(frames) % 2)).float()
+    else:
+        raise ValueError(f"unknown motion {motion!r}")
+    return torch.stack([x + c, y + c], -1)
+
+
+def _shape_mask(shape, u, v):
+    """Inside test for a shape of radius 1 in local coordinates u (right), v (down)."""
+    r = torch.sqrt(u * u + v * v)
+    if shape == "circle":
+        return r <= 1.0
+    if shape == "square":
+        return (u.abs() <= 0.8) & (v.abs() <= 0.8)
+    if shape == "triangle":  # apex up
+        return (v <= 0.8) & (u.abs() <= (v + 1.0) * 0.55)
+    if shape == "diamond":
+        return u.abs() + v.abs() <= 1.05
+    if shape == "cross":
+        return ((u.abs() <= 0.36) & (v.abs() <= 1.0)) | ((v.abs() <= 0.36) & (u.abs() <= 1.0))
+    if shape == "star":  # five points: the radius swings between 1.05 and 0.5 with the angle
+        ang = torch.atan2(u, -v)
+        return r <= 0.5 + 0.55 * (torch.cos(5 * ang).clamp(min=0) ** 2)
+    if shape == "ring":
+        return (r <= 1.0) & (r >= 0.55)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _dark_mask(pattern, px, py):
+    """Where a pattern uses the dark shade; px, py are pixel offsets from the sprite centre (pattern moves with it)."""
+    if pattern == "solid":
+        return torch.zeros_like(px, dtype=torch.bool)
+    if pattern == "striped":  # horizontal stripes, 2 px each
+        return torch.floor(py / 2).remainder(2) == 1
+    if pattern == "checkered":  # 2 px checks
+        return (torch.floor(px / 2) + torch.floor(py / 2)).remainder(2) == 1
+    if pattern == "dotted":  # dark dots on a 4 px lattice
+        dx, dy = px - 4 * torch.round(px / 4), py - 4 * torch.round(py / 4)
+        return dx * dx + dy * dy <= 1.0
+    raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def render(concepts, gen=None, frames=NUM_FRAMES, centres=None, masks=False):
+    """Render a batch of factor dicts to videos (B, F, 3, 32, 32) in [-1, 1] (and the sprite masks (B, F, 32, 32)
+    if masks=True). `centres` (B, F, 2) overrides the trajectories; no 'motion' in a dict means standing still."""
+    gen = gen or torch.Generator().manual_seed(0)
+    n = len(concepts)
+    if centres is None:
+        centres = torch.stack([trajectory(c.get("motion", "still"), 1, gen, frames)[0] for c in concepts])
+    ys, xs = torch.meshgrid(torch.arange(SIZE, dtype=torch.float32), torch.arange(SIZE, dtype=torch.float32),
+                            indexing="ij")
+    px = xs - centres[..., 0, None, None]                       # (B, F, H, W)
+    py = ys - centres[..., 1, None, None]
+    video = torch.empty(n, frames, 3, SIZE, SIZE)
+    mask = torch.empty(n, frames, SIZE, SIZE, dtype=torch.bool)
+    for i, c in enumerate(concepts):  # the per-sample loop only selects masks; the pixel work is vectorised
+        inside = _shape_mask(c["shape"], px[i] / RADIUS, py[i] / RADIUS)
+        dark = _dark_mask(c["pattern"], px[i], py[i]) & inside
+        colour = torch.tensor(COLOURS[c["colour"]])[:, None, None, None]
+        bg = torch.tensor(BACKGROUNDS[c["background"]])[:, None, None, None]
+        img = torch.where(inside, colour, bg)
+        img = torch.where(dark, colour * DARK, img)              # (3, F, H, W)
+        video[i], mask[i] = img.permute(1, 0, 2, 3), inside
+    return (video * 2 - 1, mask) if masks else video * 2 - 1
+
+
+# -----------------------------------------------------------------------------
+# the toy "VAE": pixels rearranged, no weights. Space-to-depth by 4 turns a (3, F, 32, 32) clip into a
+# (48, F, 8, 8) latent, as a real VAE turns pixels into a smaller grid of more channels, but losslessly. So a
+# token of a patch-1 transformer sees the same 4x4 pixels a patch-4 one would, and the UNet runs at 8x8.
+
+
+class _Latents:
+    def __init__(self, z):
+        self.z = z
+
+    def sample(self, generator=None):
+        return self.z
+
+    def mode(self):
+        return self.z
+
+
+class PixelVAE(torch.nn.Module):
+    """Identity 'VAE' with the encode/decode interface of the real ones: encode(x).latent_dist.sample(),
+    decode(z).sample, and the config fields the methods and pipelines read (no temporal compression)."""
+    factor = 4
+
+    def __init__(self):
+        super().__init__()
+        c = 3 * self.factor ** 2
+        self.config = argparse.Namespace(scaling_factor=1.0, shift_factor=None, z_dim=c, latent_channels=c,
+                                         latents_mean=[0.0] * c, latents_std=[1.0] * c, scale_factor_temporal=1,
+                                         scale_factor_spatial=self.factor, temporal_compression_ratio=1,
+                                         block_out_channels=[c] * 3, invert_scale_latents=False)
+        self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
+
+    def _apply_5d(self, x, fn):  # accepts (B, C, H, W) images and (B, C, F, H, W) videos
+        if x.ndim == 4:
+            return fn(x)
+        b, f = x.shape[0], x.shape[2]
+        y = fn(x.transpose(1, 2).flatten(0, 1))
+        return y.unflatten(0, (b, f)).transpose(1, 2)
+
+    def encode(self, x, return_dict=True):
+        z = self._apply_5d(x, lambda y: F.pixel_unshuffle(y, self.factor))
+        return argparse.Namespace(latent_dist=_Latents(z))
+
+    def decode(self, z, return_dict=True):
+        return argparse.Namespace(sample=self._apply_5d(z, lambda y: F.pixel_shuffle(y, self.factor)))
+
+
+# -----------------------------------------------------------------------------
+# the text side: a word-level tokenizer over the world's words and frozen tiny random text encoders
+
+WORDS = sorted({w for c in COLOURS for w in c.split()} | set(SHAPES) | set(PATTERNS) | set(BACKGROUNDS)
+               | {w for m in MOTION_WORDS.values() for w in m.split()}
+               | {"a", "an", "picture", "of", "on", "background", "the", "video", "with"} | set(PLACEHOLDERS))
+SPECIALS = ["<pad>", "</s>", "<unk>", "<s>"]
+MAX_TOKENS = 16  # longest caption (12 words) + start/end tokens, rounded up
+
+
+def tokenizer(kind="t5"):
+    """PreTrainedTokenizerFast over WORDS: lowercase, split on whitespace only (so '<cls>' stays one word), and
+    '</s>' appended (T5/UMT5) or '<s> ... </s>' around the words (CLIP)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    single = "$A </s>" if kind == "t5" else "<s> $A </s>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("</s>", vocab["</s>"]), ("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   bos_token="<s>", model_max_length=MAX_TOKENS)
+
+
+def _text_encoder_configs():
+    from transformers import CLIPTextConfig, T5Config, UMT5Config
+    v = len(SPECIALS) + len(WORDS)
+    t5 = dict(vocab_size=v, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, pad_token_id=0,
+              eos_token_id=1, decoder_start_token_id=0, relative_attention_num_buckets=8, dropout_rate=0.0)
+    return {"umt5": UMT5Config(**t5), "t5": T5Config(**t5),
+            "clip": CLIPTextConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=0,
+                                   bos_token_id=3, eos_token_id=1)}
+
+
+def text_encoder(kind):
+    """The frozen tiny random text encoder of a family, loaded from assets/ (the toy backbones were trained on
+    exactly these outputs, and random init routines change between library versions, so weights are shipped)."""
+    from transformers import CLIPTextModel, T5EncoderModel, UMT5EncoderModel
+    cls = {"umt5": UMT5EncoderModel, "t5": T5EncoderModel, "clip": CLIPTextModel}[kind]
+    return cls.from_pretrained(ASSETS / "text_encoders" / kind).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# stand-ins for the papers' frozen encoders
+
+
+def image_encoder(kind):
+    """Stand-in (frozen, tiny, random, weights in assets/) for DINOv2 ('dinov2', patch 4: an 8x8 token grid at
+    32x32, the toy latent grid) or the CLIP image encoder ('clip_vision'). Same classes as the real models."""
+    from transformers import CLIPVisionModelWithProjection, Dinov2Model
+    cls = {"dinov2": Dinov2Model, "clip_vision": CLIPVisionModelWithProjection}[kind]
+    return cls.from_pretrained(ASSETS / "encoders" / kind).eval().requires_grad_(False)
+
+
+def _image_encoder_configs():
+    from transformers import CLIPVisionConfig, Dinov2Config
+    return {"dinov2": Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                   patch_size=4, image_size=SIZE),
+            "clip_vision": CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=SIZE, patch_size=4, projection_dim=32)}
+
+
+def _warp(img, flow):
+    """Sample img at x + flow(x) (bilinear, border padding). Also returns a mask of samples inside the frame."""
+    h, w = img.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=img.dtype, device=img.device),
+                            torch.arange(w, dtype=img.dtype, device=img.device), indexing="ij")
+    # grid_sample wants coordinates in [-1, 1]; align_corners=True maps -1/+1 to the centres of the edge pixels.
+    grid = torch.stack((2 * (xs + flow[:, 0]) / max(w - 1, 1) - 1,
+                        2 * (ys + flow[:, 1]) / max(h - 1, 1) - 1), dim=-1)
+    inside = (grid.abs() <= 1).all(-1).unsqueeze(1).to(img.dtype)
+    return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True), inside
+
+
+def _filter(x, k):
+    """Depthwise 3x3 filter with replicate padding (a zero border would look like a strong edge)."""
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(x.shape[1], 1, 3, 3), groups=x.shape[1])
+
+
+def toy_flow(a, b, levels=None, iters=20, warps=2, alpha=0.2, min_size=8):
+    """Stand-in for RAFT/SEA-RAFT in the toy world: weight-free, differentiable, coarse-to-fine.
+
+    a, b: (N, 3, H, W) in [-1, 1]. Returns flow (N, 2, H, W) in pixels, channel 0 = dx (right),
+    channel 1 = dy (down), such that b(x + flow(x)) ~ a(x) (RAFT's image1 -> image2 convention).
+    Classic coarse-to-fine variational flow: Horn-Schunck smoothness (weight alpha^2) plus a blurred
+    Lucas-Kanade data term summed over colour channels ("combined local-global", Bruhn et al. 2005).
+    Plain tensor ops only, so it is differentiable w.r.t. both a and b.
+    """
+    opts = dict(dtype=a.dtype, device=a.device)
+    ddx = torch.tensor([[0, 0, 0], [-0.5, 0, 0.5], [0, 0, 0]], **opts)   # central difference
+    blur = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], **opts) / 16  # small LK window
+    avg = torch.tensor([[1, 2, 1], [2, 0, 2], [1, 2, 1]], **opts) / 12   # HS mean of the neighbours
+    if levels is None:  # halve down to ~min_size px, where even a large motion is under a pixel
+        levels = 1
+        while min(a.shape[-2:]) >> levels >= min_size:
+            levels += 1
+    pyramid = [(a, b)]
+    for _ in range(levels - 1):
+        pyramid.append(tuple(F.avg_pool2d(x, 2) for x in pyramid[-1]))
+
+    flow = a.new_zeros(a.shape[0], 2, *pyramid[-1][0].shape[-2:])
+    for la, lb in reversed(pyramid):  # coarse -> fine
+        h, w = la.shape[-2:]
+        if flow.shape[-2:] != (h, w):  # one coarse pixel is ~2 fine pixels: upsample AND rescale the vectors
+            scale = torch.tensor([w / flow.shape[-1], h / flow.shape[-2]], **opts).view(1, 2, 1, 1)
+            flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False) * scale
+        # Neighbour mean = zero-padded conv / weight that fell inside the image (cheaper than padding each sweep).
+        norm = alpha ** 2 / F.conv2d(torch.ones_like(flow[:1, :1]), avg[None, None], padding=1)
+        for _ in range(warps):
+            # Linearise b(x + u) = a(x) around the current flow u0:  Ix (u - u0) + Iy (v - v0) + It = 0.
+            bw, inside = _warp(lb, flow)
+            it = bw - la
+            ix, iy = _filter(la + bw, ddx) / 2, _filter(la + bw, ddx.t()) / 2  # gradients of both frames
+            # Structure tensor, summed over channels and blurred (the LK part). Pixels that left the frame
+            # have no match, so they get no data term and the smoothness term fills them in.
+            j = _filter(torch.stack([(ix * ix).sum(1), (ix * iy).sum(1), (iy * iy).sum(1),
+                                     (ix * it).sum(1), (iy * it).sum(1)], 1) * inside, blur)
+            j11, j12, j22, j13, j23 = j.unbind(1)
+            u0, v0 = flow.unbind(1)
+            r = torch.stack([j11 * u0 + j12 * v0 - j13, j12 * u0 + j22 * v0 - j23], 1)
+            # Per-pixel inverse of the 2x2 matrix (J + alpha^2 I), shape (N, 2, 2, H, W). alpha^2 > 0 keeps it
+            # invertible in flat regions, where J = 0 and the flow comes from the neighbours alone.
+            a11, a22 = j11 + alpha ** 2, j22 + alpha ** 2
+            m = torch.stack([torch.stack([a22, -j12], 1), torch.stack([-j12, a11], 1)], 1)
+            m = m / (a11 * a22 - j12 * j12)[:, None, None]
+            c, m = (m * r[:, None]).sum(2), m * norm
+            for _ in range(iters):  # Jacobi sweeps of (J + alpha^2) u = alpha^2 * neighbour_mean(u) + r
+                flow = (m * F.conv2d(flow, avg.expand(2, 1, 3, 3), padding=1, groups=2)[:, None]).sum(2) + c
+    return flow
+
+
+# -----------------------------------------------------------------------------
+# toy backbones: the real diffusers classes at tiny size, in the pixel-VAE latent space (48 x F x 8 x 8)
+
+LATENT_CHANNELS = 3 * PixelVAE.factor ** 2
+FAMILIES = {  # each family keeps its real objective, text encoder and prompt convention
+    "wan": dict(cls="WanTransformer3DModel", pred="flow", text="umt5", zero_pad=True, shift=1.0, config=dict(
+        patch_size=(1, 1, 1), num_attention_heads=2, attention_head_dim=32, in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS, text_dim=32, freq_dim=32, ffn_dim=256, num_layers=4, rope_max_seq_len=32)),
+    "cogvideox": dict(cls="CogVideoXTransformer3DModel", pred="v", text="t5", zero_pad=False, config=dict(
+        num_attention_heads=2, attention_head_dim=32, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        time_embed_dim=64, text_embed_dim=32, num_layers=4, sample_width=8, sample_height=8,
+        sample_frames=NUM_FRAMES, patch_size=1, temporal_compression_ratio=1, max_text_seq_length=MAX_TOKENS,
+        use_rotary_positional_embeddings=True)),
+    "unet3d": dict(cls="UNet3DConditionModel", pred="eps", text="clip", zero_pad=False, config=dict(
+        sample_size=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        attention_head_dim=4)),
+}
+
+
+def build_backbone(family, config=None):
+    """A randomly initialised toy backbone of `family` (config defaults to FAMILIES[family])."""
+    import diffusers
+    return getattr(diffusers, FAMILIES[family]["cls"])(**(config or FAMILIES[family]["config"]))
+
+
+def backbone_path(family):
+    return ASSETS / f"toy_{family}.safetensors"
+
+
+def load_backbone(family, path=None, require=False):
+    """The pretrained toy backbone from assets/ (its config is in the file's metadata), or, if none has been
+    trained yet, a random one with a plain warning (require=True makes that an error instead)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    path = Path(path or backbone_path(family))
+    if not path.is_file():
+        if require:
+            common.fail(f"no pretrained toy backbone at {path}: run python toyworld.py pretrain --family {family}")
+        print(f"warning: no pretrained toy backbone at {path} yet; using a randomly initialised one "
+              f"(python toyworld.py pretrain --family {family} makes it)")
+        return build_backbone(family).requires_grad_(False)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    model = build_backbone(family, json.loads(meta["config"]))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval().requires_grad_(False)
+
+
+def noise_schedule(family):
+    """The family's training/sampling schedulers: Wan flow matching (Euler), CogVideoX v-prediction with
+    zero-terminal-SNR betas and trailing DDIM, ZeroScope epsilon with scaled_linear betas and DDIM."""
+    from diffusers import CogVideoXDDIMScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    if family == "wan":
+        return FlowMatchEulerDiscreteScheduler(shift=FAMILIES["wan"]["shift"])
+    if family == "cogvideox":
+        return CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                      rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                                      timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def backbone_forward(family, model, z, t, text):
+    """One denoiser call on latents z (B, C, F, h, w); returns the output in the same layout. Wan takes
+    t = sigma * 1000; CogVideoX wants (B, F, C, h, w) and its rotary embedding."""
+    if family == "cogvideox":
+        rotary = common.cogvideox_rotary(model, z.shape[2], z.shape[3], z.shape[4])
+        out = model(z.transpose(1, 2), text, t, image_rotary_emb=rotary, return_dict=False)[0]
+        return out.transpose(1, 2)
+    return model(z, t, text, return_dict=False)[0]
+
+
+def sample_timesteps(family, n, gen):
+    """Training noise levels: sigma = shift u / (1 + (shift - 1) u), u ~ U(0, 1) for Wan (the sampler's
+    schedule), integer t ~ U{0..999} otherwise."""
+    if family == "wan":
+        u, s = torch.rand(n, generator=gen), FAMILIES["wan"]["shift"]
+        return s * u / (1 + (s - 1) * u)
+    return torch.randint(0, 1000, (n,), generator=gen)
+
+
+@torch.no_grad()
+def sample(family, model, text, uncond, steps=20, cfg=4.0, frames=NUM_FRAMES, gen=None):
+    """Plain text-to-video sampling with batched classifier-free guidance; returns videos (B, F, 3, 32, 32)."""
+    sched = noise_schedule(family)
+    sched.set_timesteps(steps)
+    n, dev = text.shape[0], text.device
+    z = torch.randn(n, LATENT_CHANNELS, frames, SIZE // 4, SIZE // 4, generator=gen).to(dev)
+    cond = torch.cat([text, uncond.expand_as(text)])
+    for t in sched.timesteps:
+        out = backbone_forward(family, model, torch.cat([z, z]), t.expand(2 * n).to(dev), cond)
+        c, u = out.chunk(2)
+        z = sched.step(u + cfg * (c - u), t, z).prev_sample
+    return PixelVAE().decode(z).sample.transpose(1, 2).clamp(-1, 1)
+
+
+# -----------------------------------------------------------------------------
+# pretraining: text-to-video (and single frames) on freshly rendered clips of pretraining concepts only
+
+
+def pretrain(args):
+    import copy
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    fam = FAMILIES[args.family]
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    model = build_backbone(args.family).train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    step, seen = 0, 0
+    ckpt, out = Path(args.ckpt or f"out/pretrain/{args.family}/ckpt.pt"), Path(args.out or backbone_path(args.family))
+    if args.resume and ckpt.is_file():  # the full training state of an interrupted run
+        state = common.load_checkpoint(ckpt)
+        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
+        step, seen = state["step"], state["seen"]
+        gen.set_state(state["gen"]), common.set_rng_state(state["rng"])
+    elif args.resume and out.is_file():  # a shipped checkpoint: continue from its EMA weights, fresh optimiser
+        from safetensors import safe_open
+        with safe_open(str(out), "pt") as f:
+            meta = f.metadata()
+        weights = load_backbone(args.family, out).state_dict()
+        model.load_state_dict(weights), ema.load_state_dict(weights)
+        step, seen = int(meta["steps"]), int(meta["samples_seen"])
+        gen.manual_seed(args.seed + step)
+    elif args.resume:
+        common.fail(f"--resume: neither {ckpt} nor {out} exists")
+    print(f"pretraining toy {args.family}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+          f"from step {step} to {args.steps}, batch {args.batch}")
+    tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
+    cache, sched, vae = {}, noise_schedule(args.family), PixelVAE()
+    log = common.StepLog(ckpt.parent / "log.jsonl", every=args.log_every)
+
+    def export():  # EMA weights + everything needed to rebuild and reproduce them
+        meta = dict(family=args.family, config=json.dumps(model.config), seed=str(args.seed), steps=str(step),
+                    samples_seen=str(seen), batch=str(args.batch), lr=str(args.lr), ema=str(args.ema),
+                    image_every=str(args.image_every), cfg_drop=str(args.cfg_drop))
+        common.save_atomic({k: v.contiguous() for k, v in ema.state_dict().items()}, out,
+                           lambda sd, p: save_file(sd, p, metadata=meta))
+
+    bar = tqdm(total=args.steps, initial=step, disable=None)
+    t0, first = time.time(), step
+    while step < args.steps:
+        image = args.image_every > 0 and step % args.image_every == 0  # single frames teach appearance alone
+        concepts = random_concepts(args.batch, gen)
+        video = render([dict(c, motion="still") for c in concepts] if image else concepts, gen,
+                       frames=1 if image else NUM_FRAMES)
+        drop = torch.rand(args.batch, generator=gen) < args.cfg_drop  # empty prompts, for guidance
+        prompts = ["" if d else caption(c, image=image) for c, d in zip(concepts, drop)]
+        text = common.encode_prompts(tok, enc, prompts, MAX_TOKENS, fam["zero_pad"], cache)
+        z0 = vae.encode(video.transpose(1, 2)).latent_dist.sample()
+        noise = torch.randn(z0.shape, generator=gen)
+        t = sample_timesteps(args.family, args.batch, gen)
+        z_t, target = common.noisy_and_target(fam["pred"], z0, noise, t, getattr(sched, "alphas_cumprod", None))
+        pred = backbone_forward(args.family, model, z_t, t * 1000 if fam["pred"] == "flow" else t, text)
+        loss = F.mse_loss(pred, target)
+        common.check_finite(loss, step)
+        for g in opt.param_groups:  # linear warm-up, then constant: runs can be extended by resuming
+            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - args.ema)
+        step, seen = step + 1, seen + args.batch
+        bar.update(1)
+        log(step, bar, loss=loss.item(), samples_per_s=args.batch * (step - first) / (time.time() - t0))
+        if step % args.save_every == 0 or step == args.steps:
+            common.save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                                    seen=seen, gen=gen.get_state(), rng=common.rng_state()), ckpt)
+            export()
+    bar.close()
+    print(f"saved {out} (step {step}, {seen} samples)")
+
+
+# -----------------------------------------------------------------------------
+# toy metrics, from pixels: segment the sprite against the background, recognise its colour, shape and pattern
+# by matching the world's own templates, follow its centroid. identity / leakage = fraction of the subject's /
+# the motion video's sprite factors recognised per frame; motion = mean cosine of per-frame sprite velocities
+# with the reference's; dynamics = mean sprite speed in px per frame.
+
+FACTORS = ("colour", "shape", "pattern")
+_YS, _XS = torch.meshgrid(torch.arange(SIZE, dtype=torch.float32), torch.arange(SIZE, dtype=torch.float32),
+                          indexing="ij")
+_OFFSETS = torch.cartesian_prod(torch.arange(-1.5, 1.6, 0.5), torch.arange(-1.5, 1.6, 0.5))
+
+
+def segment(video):
+    """video (F, 3, H, W) in [-1, 1] -> background colour (F, 3) in [0, 1] (median of the border) and sprite
+    masks (F, H, W): pixels farther than 0.25 from the background colour."""
+    x = (video.float() + 1) / 2
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], -1)
+    bg = border.median(-1).values
+    return bg, (x - bg[..., None, None]).norm(dim=1) > 0.25
+
+
+def centroids(mask, min_area=6):
+    """Sprite centre per frame (F, 2) as (x, y); NaN where no sprite was found."""
+    area = mask.sum((-1, -2)).float()
+    c = torch.stack([(mask * _XS).sum((-1, -2)), (mask * _YS).sum((-1, -2))], -1) / area.clamp(min=1)[:, None]
+    c[area < min_area] = float("nan")
+    return c
+
+
+def _nearest(table, value):
+    return min(table, key=lambda k: float((torch.tensor(table[k]) - value).norm()))
+
+
+def recognise(video):
+    """Per frame: dict(colour, shape, pattern, background) recognised from pixels (None where no sprite)."""
+    bg, mask = segment(video)
+    cents, x = centroids(mask), (video.float() + 1) / 2
+    out = []
+    for f in range(video.shape[0]):
+        if torch.isnan(cents[f, 0]):
+            out.append(None)
+            continue
+        m, px = mask[f], x[f]
+        bright = px.max(0).values >= 0.7            # the dark shade of a pattern has max channel DARK
+        colour = _nearest(COLOURS, px[:, m & bright].mean(1)) if (m & bright).any() else None
+        centres = cents[f] + _OFFSETS                # template positions around the measured centre
+        u = (_XS - centres[:, 0, None, None]) / RADIUS
+        v = (_YS - centres[:, 1, None, None]) / RADIUS
+        iou = {s: ((t & m).sum((1, 2)) / (t | m).sum((1, 2))) for s in SHAPES for t in [_shape_mask(s, u, v)]}
+        shape = max(iou, key=lambda s: iou[s].max())
+        centre = centres[iou[shape].argmax()] + _OFFSETS / 1.5   # then the pattern's phase, within a pixel
+        dark = ~bright & m
+        px_, py_ = _XS - centre[:, 0, None, None], _YS - centre[:, 1, None, None]
+        agree = {p: ((_dark_mask(p, px_, py_) & m) == dark)[:, m].float().mean(1).max() for p in PATTERNS}
+        out.append(dict(colour=colour, shape=shape, pattern=max(agree, key=agree.get),
+                        background=_nearest(BACKGROUNDS, bg[f])))
+    return out
+
+
+def reference_factors(clips):
+    """Majority vote of the recognised factors over all frames of reference clips/images (F, 3, H, W)."""
+    votes = [r for clip in clips for r in recognise(clip if clip.ndim == 4 else clip[None]) if r]
+    if not votes:
+        common.fail("no sprite found in the reference frames (toy metrics need toy-world images)")
+    return {k: max({r[k] for r in votes}, key=[r[k] for r in votes].count) for k in FACTORS}
+
+
+def factor_match(video, factors, only=FACTORS):
+    """Mean over frames of the fraction of `only` factors recognised as in `factors` (no sprite = 0)."""
+    rec = recognise(video)
+    return sum(sum(r[k] == factors[k] for k in only) / len(only) if r else 0.0 for r in rec) / len(rec)
+
+
+def motion_score(traj, ref):
+    """Mean over frame steps of cos(velocity, reference velocity); a step without a sprite or motion counts 0.
+    1 = same motion (any speed), 0 = static, -1 = reversed."""
+    v, r = traj.diff(dim=0), ref.diff(dim=0)
+    cos = (v * r).sum(-1) / (v.norm(dim=-1) * r.norm(dim=-1)).clamp(min=1e-6)
+    return float(torch.nan_to_num(cos, nan=0.0).mean())
+
+
+def dynamics(traj):
+    """Mean sprite speed in px per frame (0 if no sprite was found)."""
+    speed = traj.diff(dim=0).norm(dim=-1)
+    return float(speed[~torch.isnan(speed)].mean()) if (~torch.isnan(speed)).any() else 0.0
+
+
+def classify_motion(traj):
+    """Nearest motion word: 'still' under 0.5 px/frame, else the best motion_score against rendered templates."""
+    if dynamics(traj) < 0.5:
+        return "still"
+    gen = torch.Generator().manual_seed(0)
+    score = {m: max(motion_score(traj, t) for t in trajectory(m, 16, gen, len(traj))) for m in MOTIONS if m != "still"}
+    return max(score, key=score.get)
+
+
+def evaluate(video, subject_images, motion_video):
+    """The customization metrics of one generated clip against the subject images and the motion reference."""
+    subj, mot = reference_factors(subject_images), reference_factors([motion_video])
+    differ = [k for k in FACTORS if subj[k] != mot[k]] or list(FACTORS)
+    traj = centroids(segment(video)[1])
+    return dict(identity=factor_match(video, subj), leakage=factor_match(video, mot, differ),
+                motion=motion_score(traj, centroids(segment(motion_video)[1])), dynamics=dynamics(traj))
+
+
+def prompt_following(video, concept):
+    """Which factors of a caption's concept the clip shows: {colour, shape, pattern, background, motion: bool}."""
+    rec = [r for r in recognise(video) if r]
+    got = {k: max({r[k] for r in rec}, key=[r[k] for r in rec].count) if rec else None
+           for k in FACTORS + ("background",)}
+    got["motion"] = classify_motion(centroids(segment(video)[1]))
+    return {k: got[k] == concept[k] for k in got if k in concept}
+
+
+# -----------------------------------------------------------------------------
+# bundled assets and the command line
+
+
+def subject_images(n=4, seed=0):
+    """The bundled novel subject: n stills on different backgrounds and places, with masks (n, H, W)."""
+    gen = torch.Generator().manual_seed(seed)
+    concepts = [dict(SUBJECT, background=b) for b in list(BACKGROUNDS)[:n]]
+    video, mask = render(concepts, gen, frames=1, masks=True)
+    return video[:, 0], mask[:, 0]
+
+
+def motion_clip(seed=0):
+    """The bundled novel motion: a familiar sprite (MOTION_SPRITE) moving in a zigzag on a gray background."""
+    return render([dict(MOTION_SPRITE, motion="zigzag", background="gray")], torch.Generator().manual_seed(seed))[0]
+
+
+def make_assets():
+    """Write assets/: frozen tiny text encoders and image-encoder stand-ins (seeded), and the toy subject/motion."""
+    from transformers import (CLIPTextModel, CLIPVisionModelWithProjection, Dinov2Model, T5EncoderModel,
+                              UMT5EncoderModel)
+    classes = {"umt5": UMT5EncoderModel, "t5": T5EncoderModel, "clip": CLIPTextModel, "dinov2": Dinov2Model,
+               "clip_vision": CLIPVisionModelWithProjection}
+    for i, (kind, cfg) in enumerate({**_text_encoder_configs(), **_image_encoder_configs()}.items()):
+        torch.manual_seed(1000 + i)
+        folder = "text_encoders" if kind in ("umt5", "t5", "clip") else "encoders"
+        classes[kind](cfg).save_pretrained(ASSETS / folder / kind)
+    import imageio.v3 as iio
+    images, masks = subject_images()
+    subj = ASSETS / "toy" / "subject"
+    (subj / "masks").mkdir(parents=True, exist_ok=True)
+    for i, (img, m) in enumerate(zip(images, masks)):
+        iio.imwrite(subj / f"{i}.png", common.to_uint8(img))
+        iio.imwrite(subj / "masks" / f"{i}.png", (m.numpy() * 255).astype("uint8"))
+    (subj / "prompt.txt").write_text(SUBJECT["shape"] + "\n")  # the class word
+    clip = motion_clip()
+    common.write_frames(ASSETS / "toy" / "motion", clip)
+    (ASSETS / "toy" / "motion" / "caption.txt").write_text(MOTION_WORDS["zigzag"] + "\n")
+    common.write_video(ASSETS / "toy" / "motion.gif", clip, fps=4, upscale=4)
+    common.write_video(ASSETS / "toy" / "subject.gif", images, fps=1, upscale=4)
+    print(f"wrote {ASSETS}")
+
+
+def cmd_eval(args):
+    images = [common.read_image(p, (SIZE, SIZE)) for p in common.list_images(args.subject)]
+    if not images:
+        common.fail(f"no images in {args.subject}")
+    ref = common.read_video(args.motion, NUM_FRAMES, (SIZE, SIZE))
+    rows = {}
+    for path in args.videos:
+        rows[path] = evaluate(common.read_video(path, NUM_FRAMES, (SIZE, SIZE)), images, ref)
+        print(path + ": " + ", ".join(f"{k} {v:.3f}" for k, v in rows[path].items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def cmd_eval_base(args):
+    """Prompt following of a (pretrained) toy backbone on held-out combinations of familiar words, and how far
+    its nearest familiar prompt gets to the novel subject and motion (it should not get there)."""
+    fam = FAMILIES[args.family]
+    model = load_backbone(args.family, args.ckpt)
+    tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
+    concepts = random_concepts(args.n, torch.Generator().manual_seed(args.seed), heldout=True)
+    near = dict(colour=SUBJECT["colour"], shape=NEAREST[SUBJECT["shape"]], pattern=NEAREST[SUBJECT["pattern"]],
+                motion=NEAREST["zigzag"], background="white")
+    prompts = [caption(c) for c in concepts] + [caption(near)] * args.n_novel
+    text = common.encode_prompts(tok, enc, prompts, MAX_TOKENS, fam["zero_pad"])
+    uncond = common.encode_prompts(tok, enc, [""], MAX_TOKENS, fam["zero_pad"])
+    gen, videos = torch.Generator().manual_seed(args.seed), []
+    for i in range(0, len(prompts), args.batch):
+        videos.append(sample(args.family, model, text[i:i + args.batch], uncond, args.steps, args.cfg, gen=gen))
+    videos = torch.cat(videos)
+    hits = [prompt_following(v, c) for v, c in zip(videos, concepts)]
+    result = {k: sum(h[k] for h in hits) / len(hits) for k in hits[0]}
+    images, _ = subject_images()
+    novel = [evaluate(v, images, motion_clip()) for v in videos[len(concepts):]]
+    result.update({f"novel_{k}": sum(m[k] for m in novel) / len(novel) for k in ("identity", "motion")})
+    print(f"toy {args.family}, {args.n} held-out prompts, {args.steps} steps, cfg {args.cfg}: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
+    if args.gif:  # one row per prompt: the prompt rendered | the sample
+        shown = range(min(8, len(concepts)))
+        truth = render([concepts[i] for i in shown], torch.Generator().manual_seed(args.seed))
+        rows = [common.side_by_side([truth[i], videos[i]]) for i in shown]
+        common.write_video(args.gif, torch.cat(rows, dim=-2), fps=4, upscale=3)
+        print(f"wrote {args.gif} (left: the prompt rendered, right: the model's sample)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(result, family=args.family, n=args.n, steps=args.steps,
+                                                   cfg=args.cfg, seed=args.seed), indent=2))
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pt = sub.add_parser("pretrain", help="pretrain a toy backbone (resumable)")
+    pt.add_argument("--family", choices=list(FAMILIES), required=True)
+    pt.add_argument("--steps", type=int, default=10000, help="total optimiser steps")
+    pt.add_argument("--batch", type=int, default=32)
+    pt.add_argument("--lr", type=float, default=1e-3)
+    pt.add_argument("--warmup", type=int, default=200)
+    pt.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights")
+    pt.add_argument("--image-every", type=int, default=8, help="every k-th batch is single frames (0: never)")
+    pt.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of empty prompts, for guidance")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--out", help="exported EMA weights (default assets/toy_FAMILY.safetensors)")
+    pt.add_argument("--ckpt", help="training state (default out/pretrain/FAMILY/ckpt.pt)")
+    pt.add_argument("--resume", action="store_true", help="continue from --ckpt, else from the exported weights")
+    pt.add_argument("--log-every", type=int, default=50)
+    pt.add_argument("--save-every", type=int, default=500)
+    ev = sub.add_parser("eval", help="toy metrics of generated clips (PNG-frame folders or videos)")
+    ev.add_argument("videos", nargs="+")
+    ev.add_argument("--subject", default=str(ASSETS / "toy" / "subject"))
+    ev.add_argument("--motion", default=str(ASSETS / "toy" / "motion"))
+    ev.add_argument("--json", help="also write the numbers here")
+    eb = sub.add_parser("eval-base", help="prompt following of a toy backbone, with a gif of samples")
+    eb.add_argument("--family", choices=list(FAMILIES), default="wan")
+    eb.add_argument("--ckpt", help="backbone file (default assets/toy_FAMILY.safetensors)")
+    eb.add_argument("--n", type=int, default=64, help="held-out prompts")
+    eb.add_argument("--n-novel", type=int, default=8, help="samples of the nearest familiar prompt to the novel task")
+    eb.add_argument("--steps", type=int, default=20)
+    eb.add_argument("--cfg", type=float, default=4.0)
+    eb.add_argument("--batch", type=int, default=16)
+    eb.add_argument("--seed", type=int, default=0)
+    eb.add_argument("--gif", help="write samples next to the rendered prompts here")
+    eb.add_argument("--json")
+    sub.add_parser("make-assets", help="re-create the shipped encoders and toy subject/motion in assets/")
+    args = p.parse_args(argv)
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    if args.cmd == "pretrain":
+        return pretrain(args)
+    if args.cmd == "eval":
+        return cmd_eval(args)
+    if args.cmd == "eval-base":
+        return cmd_eval_base(args)
+    return make_assets()
+
+
+if __name__ == "__main__":
+    main()
