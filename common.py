@@ -9,6 +9,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -40,8 +41,21 @@ def seed_everything(seed):
 
 def fail(message):
     """A bad input ends the run with one line (what is wrong, what to do), exit code 2 and no traceback."""
-    print(f"error: {message}", file=sys.stderr)
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)  # one line, even for library messages
     raise SystemExit(2)
+
+
+def check_pretrained(name, flag, filename="model_index.json"):
+    """A hub id or folder must be loadable offline: a local folder, or already in the Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+    if Path(name).is_dir():
+        return
+    try:
+        cached = isinstance(try_to_load_from_cache(name, filename), str)
+    except Exception:  # not even a valid hub id
+        cached = False
+    if not cached:
+        fail(f"{flag} {name!r} is neither a local folder nor in the hub cache (nothing is downloaded here)")
 
 
 # -----------------------------------------------------------------------------
@@ -98,7 +112,7 @@ def read_video(path, num_frames, size=None, start=0, end=None, stride=None):
             else []
     if len(idx) < num_frames:
         fail(f"{path} has {len(frames)} frames, {num_frames} are needed (from frame {start}"
-             f"{f', stride {stride}' if stride else ''}): use a longer clip or fewer --num-frames")
+             f"{f', stride {stride}' if stride else ''}): use a longer clip or ask for fewer frames")
     x = torch.stack([to_tensor(frames[i]) for i in idx])
     return resize_crop(x, size) if size else x
 
@@ -196,7 +210,9 @@ def add_lora(model, name, rank, targets, alpha=None, dropout=0.0, **extra):
     from peft import LoraConfig
     cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=targets,
                      init_lora_weights=True, **extra)
-    model.add_adapter(cfg, adapter_name=name)
+    with warnings.catch_warnings():  # several named adapters on one model is what the methods want
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        model.add_adapter(cfg, adapter_name=name)
     for n, p in model.named_parameters():
         if f".{name}." in n:
             p.data = p.data.float()

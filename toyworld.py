@@ -201,6 +201,14 @@ class PixelVAE(torch.nn.Module):
                                          block_out_channels=[c] * 3, invert_scale_latents=False)
         self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
 
+    @property
+    def device(self):  # pipelines ask their modules for device and dtype
+        return self._device_probe.device
+
+    @property
+    def dtype(self):
+        return self._device_probe.dtype
+
     def _apply_5d(self, x, fn):  # accepts (B, C, H, W) images and (B, C, F, H, W) videos
         if x.ndim == 4:
             return fn(x)
@@ -704,6 +712,7 @@ def cmd_eval_base(args):
     """Prompt following of a (pretrained) toy backbone on held-out combinations of familiar words, and how far
     its nearest familiar prompt gets to the novel subject and motion (it should not get there)."""
     fam = FAMILIES[args.family]
+    torch.manual_seed(args.seed)  # the random stand-in, when no pretrained backbone exists yet, is seeded too
     model = load_backbone(args.family, args.ckpt)
     tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
     concepts = random_concepts(args.n, torch.Generator().manual_seed(args.seed), heldout=True)

@@ -1,0 +1,585 @@
+"""SMRABooth: Subject and Motion Representation Alignment for customized video generation (CVPR 2026), on Wan2.1.
+
+Two LoRAs are trained separately on a frozen Wan2.1 transformer. The subject LoRA learns a few photos with a
+masked flow-matching loss plus SuRA: the hidden states after the first block, through a small MLP, are pulled
+toward the frozen DINOv2 patch features of the photo. The motion LoRA learns a reference video with the
+flow-matching loss plus MoRA: the one-step clean estimate is decoded and its optical flow is pulled toward the
+reference video's flow. At inference both LoRAs are injected sparsely: the subject LoRA only in Q, K and FFN.0,
+the motion LoRA only in V, O, FFN.0 and FFN.2, and the subject LoRA at half strength for the first 30% of steps.
+
+    # a real run (a GPU with ~24 GB; weights from the hub cache or local folders, nothing is downloaded here)
+    python smrabooth.py --subject photos/ --motion dance.mp4 --raft-weights raft_large_C_T_SKHT_V2-ff5fadd5.pth
+    python smrabooth.py --subject photos/ --motion dance.mp4 --prompt "a sks dog dancing on the beach" ...
+    # the toy world on a CPU in minutes (toy backbone, bundled toy subject and motion)
+    python smrabooth.py --model toy
+    python smrabooth.py --model toy --sample-only          # reuse the LoRAs saved in --out
+
+Papers: the method (../shared/seeds/004: SuRA, MoRA, sparse injection, losses, hyperparameters) and its
+supplement (003: T_point and subject-scale ablations, Alg. 1 one-step x0, the sliding-window VAE decode).
+"""
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+# -----------------------------------------------------------------------------
+# settings: paper values as defaults; --model toy applies TOY on top
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    p.add_argument("--subject", help="folder of 3-5 subject photos (+ masks/<same name>, white = subject; "
+                                     "+ prompt.txt with the class word)")
+    p.add_argument("--motion", help="reference video file, a folder of its frames, or a folder of clips")
+    p.add_argument("--class-word", help="the subject's class (default: SUBJECT/prompt.txt, else 'object')")
+    p.add_argument("--motion-caption", help="what the motion is, e.g. 'dancing' (default: the .txt beside the "
+                                            "video or caption.txt in its folder, else 'moving')")
+    p.add_argument("--prompt", help="sampling prompt (default: 'a sks <class word> <motion caption>')")
+    p.add_argument("--placeholder", default="sks", help="the subject's identifier word")
+    p.add_argument("--subject-size", type=int, default=512, help="subject photos are resized/cropped to this")
+    p.add_argument("--motion-size", type=int, nargs=2, default=[320, 576], metavar=("H", "W"))
+    p.add_argument("--motion-frames", type=int, default=49, help="reference frames used for training (4k+1)")
+    p.add_argument("--motion-start", type=int, default=0, help="first frame of the reference clip to use")
+    p.add_argument("--motion-end", type=int, help="frame after the last one to use (default: the clip's end)")
+    p.add_argument("--motion-stride", type=int, help="take every n-th frame instead of spreading uniformly")
+    # models
+    p.add_argument("--model", default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", help="hub id, local folder, or 'toy'")
+    p.add_argument("--dino", default="facebook/dinov2-giant", help="SuRA's frozen encoder (hub id or folder)")
+    p.add_argument("--raft-weights", help="torchvision raft_large state dict (.pth), MoRA's frozen flow network "
+                                          "(the paper uses SEA-RAFT, which is not on PyPI)")
+    p.add_argument("--max-text-len", type=int, default=512, help="text tokens, as WanPipeline")
+    # adapters
+    p.add_argument("--subject-rank", type=int, default=32)
+    p.add_argument("--motion-rank", type=int, default=64)
+    p.add_argument("--proj-hidden", type=int, default=2048, help="width of SuRA's projector h_phi")
+    # optimisation
+    p.add_argument("--subject-steps", type=int, default=300)
+    p.add_argument("--motion-steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--sura-lambda", type=float, default=0.05, help="lambda: weight of L_SuRA")
+    p.add_argument("--mora-alpha", type=float, default=1.0, help="alpha: weight of L_MoRA")
+    p.add_argument("--mora-window", type=int, default=6, help="latent frames decoded per MoRA step (supp. 2.2)")
+    p.add_argument("--shift", type=float, default=3.0, help="flow shift of training sigmas and sampler (Wan 480p)")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (memory for speed)")
+    # sampling
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (Wan's default)")
+    p.add_argument("--t-point", type=float, default=0.3, help="T_point as a fraction of the steps (15 of 50)")
+    p.add_argument("--subject-early-scale", type=float, default=0.5, help="subject LoRA scale before T_point")
+    p.add_argument("--subject-late-scale", type=float, default=1.0, help="subject LoRA scale from T_point on")
+    p.add_argument("--motion-scale", type=float, default=1.0)
+    p.add_argument("--self-attn-only", action="store_true", help="sparse injection only in attn1 (the paper does "
+                                                                 "not say; default: self- and cross-attention)")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--frames", type=int, default=49)
+    p.add_argument("--fps", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    # ablations (the paper's tables)
+    p.add_argument("--no-sura", action="store_true", help="stage 1 without L_SuRA")
+    p.add_argument("--no-mora", action="store_true", help="stage 2 without L_MoRA")
+    p.add_argument("--no-mask", action="store_true", help="region loss over the whole image")
+    p.add_argument("--inject", choices=["sparse", "all"], default="sparse", help="all = 'Combination 1'")
+    p.add_argument("--subject-drop-ffn0", action="store_true", help="'Combination 2': no subject LoRA in FFN.0")
+    p.add_argument("--motion-drop-ffn0", action="store_true", help="'Combination 3': no motion LoRA in FFN.0")
+    # run
+    p.add_argument("--out", default="out/smrabooth")
+    p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
+    p.add_argument("--sample-only", action="store_true", help="sample with the LoRAs saved in --out")
+    p.add_argument("--dry-run", action="store_true", help="check inputs, print the plan, load nothing")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--ablate", action="store_true", help="toy world: run the base model, the full method and every "
+                                                         "ablation over --seeds, and print the table")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant for --ablate")
+    args = p.parse_args(argv)
+    if args.model == "toy":
+        apply_toy_preset(args, p)
+    return args
+
+
+# the toy world: 9 frames of 32x32, its pretrained tiny Wan (flow shift 1), fewer sampling steps, a larger lr
+TOY = dict(subject_size=32, motion_size=[32, 32], motion_frames=9, height=32, width=32, frames=9, fps=4,
+           max_text_len=16, proj_hidden=64, lr=1e-3, batch=4, shift=1.0, steps=20, cfg=4.0)
+
+
+def apply_toy_preset(args, parser):
+    import toyworld
+    for k, v in TOY.items():
+        if getattr(args, k) == parser.get_default(k):  # what the user set stays
+            setattr(args, k, v)
+    args.subject = args.subject or str(toyworld.ASSETS / "toy" / "subject")
+    args.motion = args.motion or str(toyworld.ASSETS / "toy" / "motion")
+
+
+# -----------------------------------------------------------------------------
+# data: checked before anything loads; a bad input ends with one line and exit code 2
+
+
+def read_inputs(args):
+    """Subject photos (N, 3, S, S), their masks (N, 1, S, S), reference clips (C, F, 3, H, W) and the prompts."""
+    folder = Path(args.subject or "")
+    if not args.subject or not folder.is_dir():
+        common.fail(f"--subject {args.subject!r} is not a folder of subject photos")
+    paths = common.list_images(folder)
+    if not paths:
+        common.fail(f"{folder} has no image ({', '.join(common.IMAGE_EXTS)})")
+    size = (args.subject_size, args.subject_size)
+    images = torch.stack([common.read_image(p, size) for p in paths])
+    if (folder / "masks").is_dir():
+        missing = [p.name for p in paths if not (folder / "masks" / p.name).is_file()]
+        if missing:
+            common.fail(f"no mask with the same name in {folder / 'masks'} for: {', '.join(missing)}")
+        masks = torch.stack([common.read_image(folder / "masks" / p.name, size)[:1] > 0 for p in paths]).float()
+    else:
+        if not args.no_mask:
+            print(f"warning: no {folder / 'masks'}; the region loss uses the whole image (we ship no segmenter)")
+        masks = torch.ones(len(paths), 1, *size)
+    if not args.motion or not Path(args.motion).exists():
+        common.fail(f"--motion {args.motion!r} does not exist (a video file, a folder of frames or of clips)")
+    motion = Path(args.motion)
+    clips = [motion] if motion.is_file() or common.list_images(motion) else \
+        sorted(q for q in motion.iterdir() if q.suffix.lower() in common.VIDEO_EXTS)
+    if not clips:
+        common.fail(f"{motion} holds neither frames nor video files")
+    videos = torch.stack([common.read_video(c, args.motion_frames, tuple(args.motion_size), args.motion_start,
+                                            args.motion_end, args.motion_stride) for c in clips])
+    class_word = args.class_word or ((folder / "prompt.txt").read_text().strip() if (folder / "prompt.txt").is_file()
+                                     else "object")
+    sidecar = motion.with_suffix(".txt") if motion.is_file() else motion / "caption.txt"
+    motion_caption = args.motion_caption or (sidecar.read_text().strip() if sidecar.is_file() else "moving")
+    prompts = dict(subject=f"a picture of {args.placeholder} {class_word}", motion=motion_caption,
+                   sample=args.prompt or f"a {args.placeholder} {class_word} {motion_caption}")
+    if args.placeholder not in prompts["sample"].split():
+        common.fail(f"the prompt {prompts['sample']!r} does not contain the placeholder word {args.placeholder!r}")
+    return images, masks, videos, prompts
+
+
+# -----------------------------------------------------------------------------
+# backbone and adapters
+
+
+def load_models(args, device, dtype):
+    """Wan2.1 (transformer, VAE, UMT5 and its tokenizer, the sampler), DINOv2 and the flow network: the real ones
+    from hub ids / local folders, or the toy world's tiny models and stand-ins for --model toy."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    if args.model == "toy":
+        import toyworld
+        m = dict(transformer=toyworld.load_backbone("wan"), vae=toyworld.PixelVAE(),
+                 tokenizer=toyworld.tokenizer("t5"), text_encoder=toyworld.text_encoder("umt5"),
+                 dino=toyworld.image_encoder("dinov2"), flow=toyworld.toy_flow,  # stand-ins for DINOv2 and RAFT
+                 scheduler=FlowMatchEulerDiscreteScheduler(shift=args.shift))
+    else:
+        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+        from transformers import AutoModel, AutoTokenizer, UMT5EncoderModel
+        from torchvision.models.optical_flow import raft_large
+        m = dict(transformer=WanTransformer3DModel.from_pretrained(args.model, subfolder="transformer",
+                                                                   torch_dtype=dtype),
+                 vae=AutoencoderKLWan.from_pretrained(args.model, subfolder="vae", torch_dtype=torch.float32),
+                 tokenizer=AutoTokenizer.from_pretrained(args.model, subfolder="tokenizer"),
+                 text_encoder=UMT5EncoderModel.from_pretrained(args.model, subfolder="text_encoder",
+                                                               torch_dtype=dtype),
+                 dino=AutoModel.from_pretrained(args.dino, torch_dtype=dtype),
+                 # real Wan samples with UniPC on flow sigmas (deterministic); the flow_shift is the model's own
+                 scheduler=UniPCMultistepScheduler.from_pretrained(args.model, subfolder="scheduler"))
+        raft = raft_large(weights=None)
+        raft.load_state_dict(torch.load(args.raft_weights, map_location="cpu"))
+        m["flow"] = lambda a, b: raft.to(a.device)(a.float(), b.float(), num_flow_updates=12)[-1]
+    for k in ("transformer", "vae", "text_encoder", "dino"):
+        m[k] = m[k].to(device).eval().requires_grad_(False)
+    return m
+
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]  # attn1 + attn2 + FFN
+
+
+def add_loras(transformer, args):
+    """Both LoRAs on every block linear (training always uses all of them; sparsity is an inference choice)."""
+    subject = common.add_lora(transformer, "subject", args.subject_rank, LORA_TARGETS)
+    motion = common.add_lora(transformer, "motion", args.motion_rank, LORA_TARGETS)
+    return subject, motion
+
+
+def injection_where(args):
+    """Which LoRA layers each adapter acts in at inference (sec. 3.4, layer-wise sparsity), by module name."""
+    subject = ["to_q", "to_k", "ffn.net.0.proj"]
+    motion = ["to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    if args.subject_drop_ffn0:
+        subject.remove("ffn.net.0.proj")
+    if args.motion_drop_ffn0:
+        motion.remove("ffn.net.0.proj")
+    if args.inject == "all":
+        subject = motion = LORA_TARGETS
+
+    def where(names):
+        return lambda n: any(n.endswith(s) for s in names) and not (args.self_attn_only and ".attn2." in n)
+    return where(subject), where(motion)
+
+
+def set_injection(layers, args, i, steps):
+    """Step-wise sparsity: the subject LoRA at the early scale before T_point, at the late scale after."""
+    subject_where, motion_where = injection_where(args)
+    early = i < round(args.t_point * steps)
+    common.set_lora_scale(layers, "subject", args.subject_early_scale if early else args.subject_late_scale,
+                          subject_where)
+    common.set_lora_scale(layers, "motion", args.motion_scale, motion_where)
+
+
+class Projector(nn.Module):
+    """SuRA's h_phi: transformer tokens (dim) -> DINOv2 feature space (D). Trained with the subject LoRA, then
+    discarded: it is not used at inference."""
+
+    def __init__(self, dim, hidden, out):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, out))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# -----------------------------------------------------------------------------
+# the method's losses
+
+
+def region_loss(v_pred, v, mask):
+    """L_region = mean(M * (v_pred - v)^2), M the subject mask on the latent grid (sec. 3.2)."""
+    m = F.interpolate(mask, size=v.shape[-2:], mode="area")[:, :, None]  # (B, 1, 1, h, w)
+    return (m * (v_pred.float() - v.float()) ** 2).mean()
+
+
+def sura_loss(tokens, projector, target):
+    """L_SuRA = -(1/N) sum_n cos(h_phi(z_t^1)[n], y*[n]) between projected block-0 tokens (B, N, dim) and
+    DINOv2 patch tokens (B, N, D) on the same grid (eq. 3)."""
+    return -F.cosine_similarity(projector(tokens.float()), target.float(), dim=-1).mean()
+
+
+@torch.no_grad()
+def dino_targets(dino, images, grid):
+    """DINOv2 patch tokens on the latent token grid: each image is fed at grid x patch pixels, so that one DINO
+    patch covers one transformer token (no interpolation of features needed)."""
+    p = dino.config.patch_size
+    x = F.interpolate((images + 1) / 2, size=(grid[0] * p, grid[1] * p), mode="bicubic", align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+    out = dino(pixel_values=((x - mean) / std).to(dino.dtype)).last_hidden_state
+    return out[:, 1 + getattr(dino.config, "num_register_tokens", 0):]  # drop CLS (and registers)
+
+
+def one_step_x0(z_t, v_pred, sigma):
+    """Supplement Alg. 1: z0_hat = z_t - sigma * v_pred (exact when v_pred is the true velocity eps - z0)."""
+    return common.predicted_x0("flow", z_t, v_pred, sigma)
+
+
+def window(vae, num_latents, k, size):
+    """Sliding-window decode plan (supplement 2.2): decode latents k..k+size-1 (6 -> 1 + 4 * 5 = 21 frames), drop
+    the first 5 decoded frames (the causal VAE's warm-up: the first latent's frame and the next latent's 4) and keep
+    16 = reference frames 4k+5 .. 4k+20. Returns (start, end, dropped, reference indices of the kept frames).
+    Without temporal compression (the toy pixel VAE) the window is the whole clip and nothing is dropped."""
+    t = vae.config.scale_factor_temporal
+    if t == 1:
+        return 0, num_latents, 0, list(range(num_latents))
+    drop = 1 + t
+    return k, k + size, drop, list(range(t * k + drop, t * k + drop + t * (size - 2)))
+
+
+def decode_window(vae, z0_hat, k, size):
+    """Decode the latent window with gradients; returns frames (B, F, 3, H, W) and the reference frame indices."""
+    start, end, drop, ref_idx = window(vae, z0_hat.shape[2], k, size)
+    video = vae.decode(unnormalize(vae, z0_hat[:, :, start:end].float())).sample  # (B, 3, F, H, W), VAE in fp32
+    return video[:, :, drop:].transpose(1, 2), ref_idx
+
+
+def mora_loss(flow, frames, ref_flow):
+    """L_MoRA = mean |F(x~_i, x~_i+1) - F(x_i, x_i+1)|_1 over consecutive decoded frames (sec. 3.3)."""
+    b, f = frames.shape[:2]
+    gen = flow(frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1)).unflatten(0, (b, f - 1))
+    return (gen.float() - ref_flow.float()).abs().mean()
+
+
+# -----------------------------------------------------------------------------
+# latents: encoded once per run
+
+
+def normalize(vae, z):
+    mean = torch.tensor(vae.config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
+    return ((z - mean) / std).to(z.dtype)
+
+
+def unnormalize(vae, z):
+    mean = torch.tensor(vae.config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
+    return (z * std + mean).to(z.dtype)
+
+
+@torch.no_grad()
+def encode_video(vae, video):
+    """(B, F, 3, H, W) in [-1, 1] -> normalised Wan latents (B, C, F', h, w); the VAE runs in fp32."""
+    return normalize(vae, vae.encode(video.transpose(1, 2).float()).latent_dist.mode().float())
+
+
+# -----------------------------------------------------------------------------
+# sampling: our own loop, equal to WanPipeline when every LoRA scale is 1
+
+
+@torch.no_grad()
+def sample(transformer, scheduler, text, uncond, latents, steps, cfg, on_step=None):
+    """Denoise `latents` (B, C, F', h, w). The conditional and unconditional passes run as one batch;
+    on_step(i, steps) sets the LoRA scales of step i (sparse injection)."""
+    scheduler.set_timesteps(steps, device=latents.device)
+    z, n = latents, latents.shape[0]
+    cond = torch.cat([text, uncond.expand_as(text)]).to(transformer.dtype)
+    for i, t in enumerate(scheduler.timesteps):
+        if on_step:
+            on_step(i, steps)
+        out = transformer(torch.cat([z, z]).to(transformer.dtype), t.expand(2 * n), cond, return_dict=False)[0]
+        c, u = out.float().chunk(2)
+        z = scheduler.step(u + cfg * (c - u), t, z, return_dict=False)[0]
+    return z
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def sample_sigmas(n, shift, gen, device):
+    """Training noise levels from the sampler's shifted schedule: sigma = shift u / (1 + (shift - 1) u)."""
+    u = torch.rand(n, generator=gen).to(device)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def block0_hook(transformer, store):
+    """Keep the tokens after the FIRST block (SuRA aligns them); gradients flow through them."""
+    return transformer.blocks[0].register_forward_hook(lambda mod, inp, out: store.__setitem__("h", out))
+
+
+def train_stage(stage, m, lat, text, args, trainable, state, out, extra=None):
+    """One stage (subject or motion): its LoRA alone is active; resumable from state['step']."""
+    transformer, device = m["transformer"], lat.device
+    transformer.set_adapters([stage])
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=1e-2)
+    if state.get("opt"):
+        opt.load_state_dict(state["opt"])
+    gen = torch.Generator().manual_seed(args.seed + (0 if stage == "subject" else 1))
+    if state.get("gen") is not None:  # resuming: the same batches and noise as an uninterrupted run
+        gen.set_state(state["gen"])
+    steps = args.subject_steps if stage == "subject" else args.motion_steps
+    log = common.StepLog(out / "log.jsonl", every=args.log_every)
+    store = {}
+    hook = block0_hook(transformer, store) if stage == "subject" and not args.no_sura else None
+    bar = tqdm(range(state.get("step", 0), steps), desc=f"{stage} LoRA", disable=None)
+    for step in bar:
+        idx = torch.randint(len(lat), (args.batch,), generator=gen)
+        z0 = lat[idx]
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        sigma = sample_sigmas(args.batch, args.shift, gen, device)
+        z_t, v = common.noisy_and_target("flow", z0, noise, sigma)
+        v_pred = transformer(z_t.to(transformer.dtype), sigma * 1000, text.expand(args.batch, -1, -1),
+                             return_dict=False)[0].float()
+        logs = {}
+        if stage == "subject":
+            loss = logs["region"] = region_loss(v_pred, v, extra["masks"][idx])
+            if hook:
+                logs["sura"] = sura_loss(store["h"], extra["projector"], extra["dino"][idx])
+                loss = loss + args.sura_lambda * logs["sura"]
+        else:
+            loss = logs["temporal"] = F.mse_loss(v_pred, v)
+            if not args.no_mora:  # a random window each step (the paper does not say how windows are picked)
+                k = int(torch.randint(max(1, z0.shape[2] - args.mora_window + 1), (1,), generator=gen))
+                frames, ref_idx = decode_window(m["vae"], one_step_x0(z_t, v_pred, sigma), k, args.mora_window)
+                pairs = torch.tensor(ref_idx[:-1], device=device)
+                logs["mora"] = mora_loss(m["flow"], frames, extra["ref_flow"][idx][:, pairs])
+                loss = loss + args.mora_alpha * logs["mora"]
+        common.check_finite(loss, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log(step + 1, bar, loss=loss.item(), **{k: v.item() for k, v in logs.items()})
+        if (step + 1) % args.save_every == 0 and step + 1 < steps:
+            save_state(out, m, stage, step + 1, opt, gen, extra)
+    if hook:
+        hook.remove()
+
+
+def save_state(out, m, stage, step, opt=None, gen=None, extra=None):
+    """Everything --resume needs: stage, step, both LoRAs, projector, optimiser and RNG states (atomic write)."""
+    from peft.utils import get_peft_model_state_dict
+    state = dict(stage=stage, step=step, opt=opt and opt.state_dict(), gen=gen and gen.get_state(),
+                 rng=common.rng_state(),
+                 lora={n: get_peft_model_state_dict(m["transformer"], adapter_name=n) for n in ("subject", "motion")},
+                 projector=extra["projector"].state_dict() if extra and "projector" in extra else None)
+    common.save_atomic(state, out / "ckpt.pt")
+
+
+def load_state(out, m, projector):
+    from peft.utils import set_peft_model_state_dict
+    state = common.load_checkpoint(out / "ckpt.pt")
+    for name, sd in state["lora"].items():
+        set_peft_model_state_dict(m["transformer"], sd, adapter_name=name)
+    if state["projector"] is not None:
+        projector.load_state_dict(state["projector"])
+    common.set_rng_state(state["rng"])
+    return state
+
+
+def save_lora(m, name, out):
+    from diffusers import WanPipeline
+    common.save_lora(WanPipeline, m["transformer"], name, out / f"{name}_lora")
+
+
+def load_saved_loras(m, out):
+    for name in ("subject", "motion"):
+        folder = out / f"{name}_lora"
+        if not (folder / "pytorch_lora_weights.safetensors").is_file():
+            common.fail(f"--sample-only: no {folder}/pytorch_lora_weights.safetensors; train first")
+        m["transformer"].load_lora_adapter(str(folder), weight_name="pytorch_lora_weights.safetensors",
+                                           adapter_name=name)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def plan(args, prompts, images, videos):
+    lines = [f"model: {args.model}" + ("" if args.model == "toy" else " (Wan2.1-T2V-1.3B: 1.4 B transformer, "
+                                       "127 M VAE, 5.7 B UMT5 freed after encoding)"),
+             f"SuRA encoder: {'toy DINOv2 stand-in' if args.model == 'toy' else args.dino}; flow: "
+             f"{'toy flow stand-in' if args.model == 'toy' else 'torchvision RAFT from ' + str(args.raft_weights)}",
+             f"subject: {len(images)} photos at {args.subject_size}px, prompt {prompts['subject']!r}, "
+             f"LoRA rank {args.subject_rank}, {args.subject_steps} steps, lambda {args.sura_lambda}",
+             f"motion: {len(videos)} clip(s) of {args.motion_frames} frames at {args.motion_size[0]}x"
+             f"{args.motion_size[1]}, prompt {prompts['motion']!r}, LoRA rank {args.motion_rank}, "
+             f"{args.motion_steps} steps, alpha {args.mora_alpha}",
+             f"sample: {prompts['sample']!r}, {args.frames} frames at {args.height}x{args.width}, {args.steps} steps, "
+             f"cfg {args.cfg}, T_point {args.t_point}, subject scale {args.subject_early_scale}->"
+             f"{args.subject_late_scale}, injection {args.inject}",
+             f"out: {args.out}"]
+    print("\n".join(lines))
+
+
+# the paper's ablations as extra flags; "base" trains nothing (zero LoRAs = the pretrained backbone)
+ABLATIONS = {"base": ["--subject-steps", "0", "--motion-steps", "0"], "full": [], "no SuRA": ["--no-sura"],
+             "no MoRA": ["--no-mora"], "no mask": ["--no-mask"], "inject all (Comb. 1)": ["--inject", "all"],
+             "subject w/o FFN.0 (Comb. 2)": ["--subject-drop-ffn0"], "motion w/o FFN.0 (Comb. 3)": ["--motion-drop-ffn0"],
+             "T_point 0": ["--t-point", "0"], "T_point 0.8": ["--t-point", "0.8"],
+             "subject scale 1 throughout": ["--subject-early-scale", "1.0"]}
+
+
+def ablate(argv, args):
+    """Every variant x seed under --out/ablations/<variant>/seed<k>/, then one markdown table of mean +- std."""
+    import statistics
+    rest = [a for a in argv if a not in ("--ablate",)]
+    rows = {}
+    for name, flags in ABLATIONS.items():
+        runs = []
+        for seed in range(args.seeds):
+            out = Path(args.out) / "ablations" / name.split(" (")[0].replace(" ", "_") / f"seed{seed}"
+            runs.append(main(rest + flags + ["--seed", str(seed), "--out", str(out)]))
+            kept = Path("results/smrabooth") / out.relative_to(Path(args.out) / "ablations") / "metrics.json"
+            kept.parent.mkdir(parents=True, exist_ok=True)  # committed, so tables can be remade without training
+            kept.write_text((out / "metrics.json").read_text())
+        rows[name] = runs
+    lines = ["| variant | identity | motion | leakage | dynamics |", "| --- | --- | --- | --- | --- |"]
+    for name, runs in rows.items():
+        cells = [f"{statistics.mean(r[k] for r in runs):.3f} +- {statistics.pstdev(r[k] for r in runs):.3f}"
+                 for k in ("identity", "motion", "leakage", "dynamics")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + f"\n\n{args.seeds} seeds per row (mean +- std over seeds)."
+    (Path(args.out) / "ablations" / "table.md").write_text(table + "\n")
+    print(table)
+    return rows
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.ablate:
+        if args.model != "toy":
+            common.fail("--ablate runs the toy world's table: use it with --model toy")
+        return ablate(argv, args)
+    images, masks, videos, prompts = read_inputs(args)
+    if args.model != "toy":
+        common.check_pretrained(args.model, "--model")
+        common.check_pretrained(args.dino, "--dino", "config.json")
+    if args.model != "toy" and not args.sample_only and not args.no_mora and not (
+            args.raft_weights and Path(args.raft_weights).is_file()):
+        common.fail("MoRA needs torchvision RAFT weights: --raft-weights raft_large_*.pth (or --no-mora)")
+    out = Path(args.out)
+    if args.sample_only and not (out / "motion_lora").is_dir():
+        common.fail(f"--sample-only: {out} holds no trained LoRAs")
+    plan(args, prompts, images, videos)
+    if args.dry_run:
+        return None
+    device, dtype = common.device_and_dtype()
+    common.seed_everything(args.seed)
+    m = load_models(args, device, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+
+    # prompts and latents once; then the text encoder is freed
+    text = {k: common.encode_prompts(m["tokenizer"], m["text_encoder"], [p], args.max_text_len, True).to(device)
+            for k, p in dict(prompts, uncond="").items()}
+    del m["text_encoder"]
+    transformer = m["transformer"]
+    if args.grad_ckpt:
+        transformer.enable_gradient_checkpointing()
+    if args.sample_only:
+        load_saved_loras(m, out)
+    else:
+        subject_params, motion_params = add_loras(transformer, args)
+        img_lat = encode_video(m["vae"], images[:, None].to(device))            # photos as one-frame videos
+        vid_lat = encode_video(m["vae"], videos.to(device))
+        grid = (img_lat.shape[-2] // transformer.config.patch_size[1],
+                img_lat.shape[-1] // transformer.config.patch_size[2])
+        dino = dino_targets(m["dino"], images.to(device), grid)
+        projector = Projector(transformer.config.num_attention_heads * transformer.config.attention_head_dim,
+                              args.proj_hidden, dino.shape[-1]).to(device)
+        with torch.no_grad():  # the reference flows, once (MoRA compares against them)
+            ref_flow = torch.stack([m["flow"](v[:-1].to(device), v[1:].to(device)) for v in videos])
+        state = load_state(out, m, projector) if args.resume else dict(stage="subject", step=0)
+        if state["stage"] == "subject":
+            train_stage("subject", m, img_lat, text["subject"], args, subject_params + list(projector.parameters()),
+                        state, out, dict(masks=masks.to(device), dino=dino, projector=projector))
+            save_lora(m, "subject", out)
+            state = dict(stage="motion", step=0)
+            save_state(out, m, "motion", 0)
+        train_stage("motion", m, vid_lat, text["motion"], args, motion_params, state, out, dict(ref_flow=ref_flow))
+        save_lora(m, "motion", out)
+
+    # sample: both LoRAs, sparse in layers and steps
+    transformer.set_adapters(["subject", "motion"])
+    layers = common.lora_layers(transformer)
+    gen = torch.Generator().manual_seed(args.seed)
+    t_lat = (args.frames - 1) // m["vae"].config.scale_factor_temporal + 1
+    s = m["vae"].config.scale_factor_spatial
+    noise = torch.randn(1, transformer.config.in_channels, t_lat, args.height // s, args.width // s, generator=gen)
+    z = sample(transformer, m["scheduler"], text["sample"], text["uncond"], noise.to(device), args.steps, args.cfg,
+               on_step=lambda i, n: set_injection(layers, args, i, n))
+    video = m["vae"].decode(unnormalize(m["vae"], z.to(torch.float32))).sample[0].transpose(0, 1).float().cpu()
+    common.write_frames(out / "result", video)
+    common.write_video(out / "result.mp4", video, args.fps, upscale=8 if args.model == "toy" else 1)
+    grid = common.side_by_side([images[:1], videos[0], video])
+    common.write_video(out / "result_grid.mp4", grid, args.fps, upscale=8 if args.model == "toy" else 1)
+    print(f"wrote {out / 'result.mp4'} and {out / 'result_grid.mp4'} ({prompts['sample']!r})")
+    if args.model == "toy":
+        import toyworld
+        metrics = toyworld.evaluate(video, list(images), videos[0])
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print("toy metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        return metrics
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+import json
+
+import pytest
+import torch
+
+import common
+import smrabooth as sm
+import toyworld as tw
+
+FAST = ["--model", "toy", "--subject-steps", "4", "--motion-steps", "4", "--steps", "3", "--batch", "2",
+        "--log-every", "2"]
+
+
+def test_sura_loss_by_hand():
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])           # (B=1, N=2, dim=2)
+    target = torch.tensor([[[1.0, 1.0], [0.0, -3.0]]])
+    identity = torch.nn.Identity()
+    # cos = [1/sqrt(2), -1] -> L = -(0.7071 - 1) / 2
+    assert torch.isclose(sm.sura_loss(tokens, identity, target), torch.tensor(-(2 ** -0.5 - 1) / 2))
+
+
+def test_hook_takes_the_output_of_block_0():
+    model = tw.build_backbone("wan")
+    seen, store = {}, {}
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
+    model.blocks[1].register_forward_hook(lambda m, i, o: seen.__setitem__("in1", i[0]))
+    sm.block0_hook(model, store)
+    model(torch.randn(1, 48, 1, 8, 8), torch.tensor([500.0]), torch.randn(1, 16, 32))
+    assert store["h"].shape == (1, 64, 64) and torch.equal(store["h"], seen["out"])
+    assert torch.equal(store["h"], seen["in1"])  # i.e. what block 1 receives
+
+
+def test_region_loss_ignores_everything_outside_the_mask():
+    v = torch.zeros(1, 48, 1, 8, 8)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :16, :] = 1                                       # top half of the image is the subject
+    v_pred = v.clone()
+    v_pred[..., 4:, :] = 5.0                                    # errors only in the bottom half of the latent
+    assert sm.region_loss(v_pred, v, mask) == 0
+    v_pred[..., 0, 0] = 2.0                                     # one error inside the subject
+    assert torch.isclose(sm.region_loss(v_pred, v, mask), torch.tensor(4.0 * 48 / v.numel()))
+
+
+def test_one_step_x0_is_exact_for_the_true_velocity():
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(2, 4, 3, 2, 2, generator=g), torch.randn(2, 4, 3, 2, 2, generator=g)
+    sigma = torch.tensor([0.2, 0.9])
+    z_t, v = common.noisy_and_target("flow", z0, eps, sigma)
+    assert torch.allclose(sm.one_step_x0(z_t, v, sigma), z0, atol=1e-6)
+
+
+def test_window_decode_keeps_reference_frames_4k_plus_5_to_4k_plus_20():
+    from diffusers import AutoencoderKLWan
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.1] * 4,
+                           latents_std=[2.0] * 4).eval()
+    z = torch.randn(1, 4, 9, 4, 4, requires_grad=True)       # 9 latents = 33 frames
+    for k in (0, 2):
+        start, end, drop, ref = sm.window(vae, 9, k, 6)
+        assert (start, end, drop) == (k, k + 6, 5) and ref == list(range(4 * k + 5, 4 * k + 21))
+    frames, ref = sm.decode_window(vae, z, 2, 6)
+    assert frames.shape == (1, 16, 3, 32, 32) and ref == list(range(13, 29))
+    full = vae.decode(sm.unnormalize(vae, z[:, :, 2:8])).sample  # 21 frames: the kept ones are its last 16
+    assert full.shape[2] == 21 and torch.allclose(frames, full[:, :, 5:].transpose(1, 2), atol=1e-6)
+    frames.sum().backward()
+    assert z.grad[:, :, 2:8].abs().sum() > 0 and z.grad[:, :, :2].abs().sum() == 0
+    # the toy pixel VAE has no temporal compression: the window is the whole clip
+    assert sm.window(tw.PixelVAE(), 9, 0, 6) == (0, 9, 0, list(range(9)))
+
+
+def test_mora_is_zero_for_the_same_motion_and_grows_with_a_shift():
+    clip = tw.motion_clip()[None]
+    ref_flow = tw.toy_flow(clip[0, :-1], clip[0, 1:])[None]
+    assert sm.mora_loss(tw.toy_flow, clip, ref_flow) < 1e-6
+    still = clip[:, :1].expand_as(clip)
+    assert sm.mora_loss(tw.toy_flow, still, ref_flow) > 0.3
+
+
+def test_injection_layers_and_steps():
+    args = sm.parse_args(["--model", "toy"])
+    model = tw.build_backbone("wan")
+    sm.add_loras(model, args)
+    model.set_adapters(["subject", "motion"])
+    layers = common.lora_layers(model)
+    seen = []
+    for i in range(10):
+        sm.set_injection(layers, args, i, 10)
+        seen.append({n: (m.scaling["subject"], m.scaling["motion"]) for n, m in layers})
+    for i, scales in enumerate(seen):
+        for n, (s, mo) in scales.items():
+            subject_layer = n.endswith(("to_q", "to_k", "ffn.net.0.proj"))
+            motion_layer = n.endswith(("to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"))
+            assert s == ((0.5 if i < 3 else 1.0) if subject_layer else 0.0), (i, n)
+            assert mo == (1.0 if motion_layer else 0.0), (i, n)
+    assert any(".attn2." in n for n in seen[0]) and any(s[0] > 0 for n, s in seen[5].items() if ".attn2." in n)
+    all_args = sm.parse_args(["--model", "toy", "--inject", "all", "--subject-drop-ffn0"])
+    sm.set_injection(layers, all_args, 9, 10)
+    assert all(m.scaling["subject"] == 1.0 and m.scaling["motion"] == 1.0 for n, m in layers)
+    drop = sm.parse_args(["--model", "toy", "--subject-drop-ffn0", "--self-attn-only"])
+    sm.set_injection(layers, drop, 9, 10)
+    for n, m in layers:
+        assert (m.scaling["subject"] > 0) == (n.endswith(("to_q", "to_k")) and ".attn1." in n)
+
+
+def test_our_loop_equals_wan_pipeline_when_all_scales_are_1():
+    import copy
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    torch.manual_seed(0)
+    model = tw.build_backbone("wan").eval()
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = WanPipeline(tokenizer=tw.tokenizer(), text_encoder=tw.text_encoder("umt5"), vae=tw.PixelVAE(),
+                       transformer=model, scheduler=copy.deepcopy(sched))
+    text, uncond = torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    noise = torch.randn(1, 48, 9, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = pipe(prompt_embeds=text, negative_prompt_embeds=uncond, height=32, width=32, num_frames=9,
+               num_inference_steps=4, guidance_scale=4.0, latents=noise.clone(), output_type="latent").frames
+    ours = sm.sample(model, sched, text, uncond, noise.clone(), 4, 4.0)
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+
+
+def test_gradients_reach_only_the_active_lora_and_the_projector():
+    args = sm.parse_args(["--model", "toy"])
+    model = tw.build_backbone("wan")
+    subject, motion = sm.add_loras(model, args)
+    projector = sm.Projector(64, 16, 32)
+    store = {}
+    sm.block0_hook(model, store)
+    model.set_adapters(["subject"])
+    v = model(torch.randn(2, 48, 1, 8, 8), torch.tensor([500.0, 100.0]), torch.randn(2, 16, 32),
+              return_dict=False)[0]
+    for p in subject:  # B of LoRA is zero at init: make A's gradient non-zero too
+        torch.nn.init.normal_(p, std=0.02)
+    v = model(torch.randn(2, 48, 1, 8, 8), torch.tensor([500.0, 100.0]), torch.randn(2, 16, 32),
+              return_dict=False)[0]
+    loss = v.pow(2).mean() + sm.sura_loss(store["h"], projector, torch.randn(2, 64, 32))
+    loss.backward()
+    grads = {n for n, p in list(model.named_parameters()) + list(projector.named_parameters())
+             if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == {n for n, p in model.named_parameters() if ".subject." in n} | \
+        {n for n, _ in projector.named_parameters()}
+    assert all(p.grad is None for p in motion)
+
+
+def test_toy_end_to_end_writes_everything_and_sample_only_reuses_it(tmp_path):
+    out = tmp_path / "run"
+    metrics = sm.main(FAST + ["--out", str(out)])
+    for name in ("subject_lora/pytorch_lora_weights.safetensors", "motion_lora/pytorch_lora_weights.safetensors",
+                 "config.json", "log.jsonl", "result.mp4", "result_grid.mp4", "metrics.json", "result/000.png"):
+        assert (out / name).is_file(), name
+    assert set(metrics) == {"identity", "motion", "leakage", "dynamics"}
+    assert json.loads((out / "config.json").read_text())["subject_size"] == 32  # the toy preset was applied
+    again = sm.main(FAST + ["--out", str(out), "--sample-only"])
+    assert again == metrics  # same LoRAs, same seed: the same clip
+    from diffusers import WanPipeline
+    pipe = WanPipeline(tokenizer=tw.tokenizer(), text_encoder=tw.text_encoder("umt5"), vae=tw.PixelVAE(),
+                       transformer=tw.build_backbone("wan"), scheduler=None)
+    pipe.load_lora_weights(str(out / "subject_lora"), adapter_name="subject")
+    assert "subject" in pipe.get_list_adapters()["transformer"]
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    args = FAST + ["--subject-steps", "4", "--motion-steps", "4", "--save-every", "2"]
+    sm.main(args + ["--out", str(tmp_path / "a")])
+    # interrupted after 2 motion steps: the stage-2 checkpoint at step 2 is what an interrupted run leaves
+    sm.main(args[:-6] + ["--subject-steps", "4", "--motion-steps", "2", "--save-every", "1",
+                         "--out", str(tmp_path / "b")])
+    import safetensors.torch as st
+    state = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert state["stage"] == "motion" and state["step"] == 1
+    sm.main(args + ["--out", str(tmp_path / "b"), "--resume"])
+    a = st.load_file(tmp_path / "a" / "motion_lora" / "pytorch_lora_weights.safetensors")
+    b = st.load_file(tmp_path / "b" / "motion_lora" / "pytorch_lora_weights.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text()) == \
+        json.loads((tmp_path / "b" / "metrics.json").read_text())
+
+
+def _bad(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        sm.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
+    subj = tw.ASSETS / "toy" / "subject"
+    mot = tw.ASSETS / "toy" / "motion"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "is not a folder" in _bad(["--subject", str(tmp_path / "nope"), "--motion", str(mot), "--model", "toy"],
+                                     capsys)
+    assert "has no image" in _bad(["--subject", str(empty), "--motion", str(mot), "--model", "toy"], capsys)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.png").write_bytes(b"not a png")
+    assert "cannot read image" in _bad(["--subject", str(junk), "--motion", str(mot), "--model", "toy"], capsys)
+    masked = tmp_path / "masked"
+    (masked / "masks").mkdir(parents=True)
+    common.write_frames(masked, tw.subject_images()[0][:2])  # 000.png, 001.png
+    common.write_frames(masked / "masks", tw.subject_images()[0][:1])
+    assert "no mask with the same name" in _bad(["--subject", str(masked), "--motion", str(mot), "--model", "toy"],
+                                                capsys)
+    short = tmp_path / "short"
+    common.write_frames(short, tw.motion_clip()[:5])
+    assert "has 5 frames, 9 are needed" in _bad(["--subject", str(subj), "--motion", str(short), "--model", "toy"],
+                                               capsys)
+    assert "does not contain the placeholder" in _bad(["--model", "toy", "--prompt", "a star moving left"], capsys)
+    real = ["--subject", str(subj), "--motion", str(mot), "--motion-frames", "9"]
+    assert "neither a local folder nor in the hub cache" in _bad(real + ["--model", str(tmp_path / "no-model")], capsys)
+    assert "--dino 'facebook/dinov2-giant' is neither" in _bad(real + ["--model", str(empty)], capsys)
+    dino = ["--dino", str(tw.ASSETS / "encoders" / "dinov2")]
+    assert "RAFT weights" in _bad(real + dino + ["--model", str(empty)], capsys)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "result.mp4").write_bytes(b"earlier")
+    _bad(["--model", "toy", "--prompt", "no placeholder", "--out", str(out)], capsys)
+    assert (out / "result.mp4").read_bytes() == b"earlier" and len(list(out.iterdir())) == 1
+
+
+def test_dry_run_loads_nothing(capsys):
+    assert sm.main(["--model", "toy", "--dry-run"]) is None
+    out = capsys.readouterr().out
+    assert "a sks star moving in a zigzag" in out and "toy DINOv2 stand-in" in out
+
+
+def test_the_real_loading_path_at_tiny_size(tmp_path):
+    """The same load_models the real run uses, on a tiny Wan pipeline saved as a local folder."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from torchvision.models.optical_flow import raft_small, raft_large
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+    pipe = WanPipeline(tokenizer=tw.tokenizer(), text_encoder=tw.text_encoder("umt5"), vae=vae,
+                       transformer=tw.build_backbone("wan"),
+                       scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                         flow_shift=3.0))
+    pipe.save_pretrained(tmp_path / "wan")
+    torch.save(raft_large(weights=None).state_dict(), tmp_path / "raft.pth")
+    args = sm.parse_args(["--model", str(tmp_path / "wan"), "--dino", str(tw.ASSETS / "encoders" / "dinov2"),
+                          "--raft-weights", str(tmp_path / "raft.pth")])
+    m = sm.load_models(args, torch.device("cpu"), torch.float32)
+    assert type(m["transformer"]).__name__ == "WanTransformer3DModel" and type(m["vae"]) is AutoencoderKLWan
+    assert type(m["scheduler"]).__name__ == "UniPCMultistepScheduler"
+    lat = sm.encode_video(m["vae"], torch.zeros(1, 9, 3, 64, 64))
+    assert lat.shape == (1, 48, 3, 8, 8)
+    frames = torch.rand(2, 3, 128, 128) * 2 - 1  # RAFT needs at least 128 px
+    assert m["flow"](frames, frames).shape == (2, 2, 128, 128)
+    text = common.encode_prompts(m["tokenizer"], m["text_encoder"], ["a sks star"], 16, True)
+    z = sm.sample(m["transformer"], m["scheduler"], text, torch.zeros_like(text), torch.randn(1, 48, 3, 8, 8), 2, 5.0)
+    assert z.shape == (1, 48, 3, 8, 8) and torch.isfinite(z).all()
+
+
+def test_every_ablation_is_a_valid_flag_set():
+    assert {"base", "full", "no SuRA", "no MoRA", "inject all (Comb. 1)"} <= set(sm.ABLATIONS)
+    base = sm.parse_args(["--model", "toy"])
+    for name, flags in sm.ABLATIONS.items():
+        args = sm.parse_args(["--model", "toy"] + flags)
+        assert name == "full" or vars(args) != vars(base), name
