@@ -523,9 +523,10 @@ def pretrain(args):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
+        with torch.no_grad():  # EMA with warm-up, so early exports are not mostly the random initialisation
+            decay = min(args.ema, (1 + step) / (10 + step))
             for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - args.ema)
+                pe.lerp_(pm, 1 - decay)
         step, seen = step + 1, seen + args.batch
         bar.update(1)
         log(step, bar, loss=loss.item(), samples_per_s=args.batch * (step - first) / (time.time() - t0))
@@ -754,7 +755,8 @@ def main(argv=None):
     pt.add_argument("--batch", type=int, default=32)
     pt.add_argument("--lr", type=float, default=1e-3)
     pt.add_argument("--warmup", type=int, default=200)
-    pt.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights")
+    pt.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights (warm-up: "
+                                                              "min(ema, (1 + step) / (10 + step)))")
     pt.add_argument("--image-every", type=int, default=8, help="every k-th batch is single frames (0: never)")
     pt.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of empty prompts, for guidance")
     pt.add_argument("--seed", type=int, default=0)
