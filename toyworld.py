@@ -14,6 +14,7 @@ toy metrics, measured from pixels against the known rendering (no learned classi
     python toyworld.py make-assets                      # re-create assets/ (encoders, tokenizer, toy inputs)
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -460,9 +461,17 @@ def sample(family, model, text, uncond, steps=20, cfg=4.0, frames=NUM_FRAMES, ge
 # pretraining: text-to-video (and single frames) on freshly rendered clips of pretraining concepts only
 
 
-def pretrain(args):
-    import copy
+def export_backbone(ema, path, args, step, seen):
+    """The EMA weights as one safetensors file, with everything needed to rebuild and reproduce them."""
     from safetensors.torch import save_file
+    meta = dict(family=args.family, config=json.dumps(ema.config), seed=str(args.seed), steps=str(step),
+                samples_seen=str(seen), batch=str(args.batch), lr=str(args.lr), ema=str(args.ema),
+                image_every=str(args.image_every), cfg_drop=str(args.cfg_drop))
+    common.save_atomic({k: v.contiguous() for k, v in ema.state_dict().items()}, path,
+                       lambda sd, p: save_file(sd, p, metadata=meta))
+
+
+def pretrain(args):
     from tqdm import tqdm
     fam = FAMILIES[args.family]
     torch.manual_seed(args.seed)
@@ -492,13 +501,6 @@ def pretrain(args):
     tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
     cache, sched, vae = {}, noise_schedule(args.family), PixelVAE()
     log = common.StepLog(ckpt.parent / "log.jsonl", every=args.log_every)
-
-    def export():  # EMA weights + everything needed to rebuild and reproduce them
-        meta = dict(family=args.family, config=json.dumps(model.config), seed=str(args.seed), steps=str(step),
-                    samples_seen=str(seen), batch=str(args.batch), lr=str(args.lr), ema=str(args.ema),
-                    image_every=str(args.image_every), cfg_drop=str(args.cfg_drop))
-        common.save_atomic({k: v.contiguous() for k, v in ema.state_dict().items()}, out,
-                           lambda sd, p: save_file(sd, p, metadata=meta))
 
     bar = tqdm(total=args.steps, initial=step, disable=None)
     t0, first = time.time(), step
@@ -533,7 +535,7 @@ def pretrain(args):
         if step % args.save_every == 0 or step == args.steps:
             common.save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                                     seen=seen, gen=gen.get_state(), rng=common.rng_state()), ckpt)
-            export()
+            export_backbone(ema, out, args, step, seen)
     bar.close()
     print(f"saved {out} (step {step}, {seen} samples)")
 
