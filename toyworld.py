@@ -406,6 +406,7 @@ def load_backbone(family, path=None, require=False):
         meta = f.metadata()
     model = build_backbone(family, json.loads(meta["config"]))
     model.load_state_dict(load_file(str(path)))
+    print(f"toy {family} backbone: {path.name}, pretrained {meta['steps']} steps, {meta['samples_seen']} samples")
     return model.eval().requires_grad_(False)
 
 
