@@ -249,6 +249,28 @@ class Projector(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# latents: encoded once per run
+
+
+def normalize(vae, z):
+    mean = torch.tensor(vae.config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
+    return ((z - mean) / std).to(z.dtype)
+
+
+def unnormalize(vae, z):
+    mean = torch.tensor(vae.config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
+    return (z * std + mean).to(z.dtype)
+
+
+@torch.no_grad()
+def encode_video(vae, video):
+    """(B, F, 3, H, W) in [-1, 1] -> normalised Wan latents (B, C, F', h, w); the VAE runs in fp32."""
+    return normalize(vae, vae.encode(video.transpose(1, 2).float()).latent_dist.mode().float())
+
+
+# -----------------------------------------------------------------------------
 # the method's losses
 
 
@@ -305,28 +327,6 @@ def mora_loss(flow, frames, ref_flow):
     b, f = frames.shape[:2]
     gen = flow(frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1)).unflatten(0, (b, f - 1))
     return (gen.float() - ref_flow.float()).abs().mean()
-
-
-# -----------------------------------------------------------------------------
-# latents: encoded once per run
-
-
-def normalize(vae, z):
-    mean = torch.tensor(vae.config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
-    return ((z - mean) / std).to(z.dtype)
-
-
-def unnormalize(vae, z):
-    mean = torch.tensor(vae.config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
-    return (z * std + mean).to(z.dtype)
-
-
-@torch.no_grad()
-def encode_video(vae, video):
-    """(B, F, 3, H, W) in [-1, 1] -> normalised Wan latents (B, C, F', h, w); the VAE runs in fp32."""
-    return normalize(vae, vae.encode(video.transpose(1, 2).float()).latent_dist.mode().float())
 
 
 # -----------------------------------------------------------------------------
