@@ -128,8 +128,10 @@ def apply_toy_preset(args, parser):
 
 def read_inputs(args):
     """Subject photos (N, 3, S, S), their masks (N, 1, S, S), reference clips (C, F, 3, H, W) and the prompts."""
-    folder = Path(args.subject or "")
-    if not args.subject or not folder.is_dir():
+    if not args.subject or not args.motion:
+        common.fail("--subject DIR and --motion VIDEO are needed (or --model toy, which brings its own)")
+    folder = Path(args.subject)
+    if not folder.is_dir():
         common.fail(f"--subject {args.subject!r} is not a folder of subject photos")
     paths = common.list_images(folder)
     if not paths:
@@ -145,7 +147,7 @@ def read_inputs(args):
         if not args.no_mask:
             print(f"warning: no {folder / 'masks'}; the region loss uses the whole image (we ship no segmenter)")
         masks = torch.ones(len(paths), 1, *size)
-    if not args.motion or not Path(args.motion).exists():
+    if not Path(args.motion).exists():
         common.fail(f"--motion {args.motion!r} does not exist (a video file, a folder of frames or of clips)")
     motion = Path(args.motion)
     clips = [motion] if motion.is_file() or common.list_images(motion) else \

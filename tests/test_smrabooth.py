@@ -189,6 +189,7 @@ def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
     mot = tw.ASSETS / "toy" / "motion"
     empty = tmp_path / "empty"
     empty.mkdir()
+    assert "--subject DIR and --motion VIDEO are needed" in _bad([], capsys)
     assert "is not a folder" in _bad(["--subject", str(tmp_path / "nope"), "--motion", str(mot), "--model", "toy"],
                                      capsys)
     assert "has no image" in _bad(["--subject", str(empty), "--motion", str(mot), "--model", "toy"], capsys)
