@@ -39,6 +39,17 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def apply_toy_preset(args, parser, preset):
+    """--model toy: the toy world's sizes and steps on top of the paper defaults (what the user set stays), and
+    the bundled toy subject and motion when none is given."""
+    import toyworld
+    for k, v in preset.items():
+        if getattr(args, k) == parser.get_default(k):
+            setattr(args, k, v)
+    args.subject = args.subject or str(toyworld.ASSETS / "toy" / "subject")
+    args.motion = args.motion or str(toyworld.ASSETS / "toy" / "motion")
+
+
 def fail(message):
     """A bad input ends the run with one line (what is wrong, what to do), exit code 2 and no traceback."""
     print("error: " + " ".join(str(message).split()), file=sys.stderr)  # one line, even for library messages
@@ -148,6 +159,23 @@ def side_by_side(videos):
             v = TF.resize(v, [h, round(v.shape[-1] * h / v.shape[-2])], antialias=True)
         out.append(torch.cat([v, v[-1:].expand(n - v.shape[0], *v.shape[1:])]) if v.shape[0] < n else v)
     return torch.cat(out, dim=-1)
+
+
+def write_result(out, video, images, motion, prompt, fps, toy=False):
+    """A method's result: lossless frames, result.mp4, result_grid.mp4 (subject | motion | result) and, in the toy
+    world, metrics.json (returned)."""
+    up = 8 if toy else 1  # 32x32 toy clips are too small to look at
+    write_frames(out / "result", video)
+    write_video(out / "result.mp4", video, fps, upscale=up)
+    write_video(out / "result_grid.mp4", side_by_side([images[:1], motion, video]), fps, upscale=up)
+    print(f"wrote {out / 'result.mp4'} and {out / 'result_grid.mp4'} ({prompt!r})")
+    if not toy:
+        return None
+    import toyworld
+    metrics = toyworld.evaluate(video, list(images), motion)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print("toy metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return metrics
 
 
 # -----------------------------------------------------------------------------
@@ -309,3 +337,34 @@ def cogvideox_rotary(transformer, frames, height, width):
     crops = get_resize_crop_region_for_grid(grid, cfg.sample_width // p, cfg.sample_height // p)
     return get_3d_rotary_pos_embed(cfg.attention_head_dim, crops, grid_size=grid, temporal_size=frames,
                                    device=transformer.device)
+
+
+def slug(name):
+    """A variant's folder name: '-LoRA Gating' -> 'no_lora_gating', 'inject all (Comb. 1)' -> 'inject_all'."""
+    name = "no " + name[1:] if name.startswith("-") else name.split(" (")[0]
+    return "_".join("".join(ch if ch.isalnum() else " " for ch in name.lower()).split())
+
+
+def run_ablations(main, argv, variants, seeds, out, method, note=""):
+    """Run a method's main() for every variant x seed under out/ablations/<variant>/seed<k>/, keep each
+    metrics.json under results/<method>/ (committed, so tables can be remade without training) and print one
+    markdown table of mean +- std over seeds."""
+    import statistics
+    rest, rows = [a for a in argv if a != "--ablate"], {}
+    for name, flags in variants.items():
+        rows[name] = []
+        for seed in range(seeds):
+            run = Path(out) / "ablations" / slug(name) / f"seed{seed}"
+            rows[name].append(main(rest + flags + ["--seed", str(seed), "--out", str(run)]))
+            kept = Path("results") / method / slug(name) / f"seed{seed}" / "metrics.json"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text((run / "metrics.json").read_text())
+    keys = list(rows[next(iter(rows))][0])
+    lines = ["| variant | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
+    for name, runs in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{statistics.mean(r[k] for r in runs):.3f} +- "
+                                                f"{statistics.pstdev(r[k] for r in runs):.3f}" for k in keys) + " |")
+    table = "\n".join(lines) + f"\n\n{seeds} seeds per row (mean +- std over seeds){note}."
+    (Path(out) / "ablations" / "table.md").write_text(table + "\n")
+    print(table)
+    return rows

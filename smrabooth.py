@@ -104,22 +104,13 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant for --ablate")
     args = p.parse_args(argv)
     if args.model == "toy":
-        apply_toy_preset(args, p)
+        common.apply_toy_preset(args, p, TOY)
     return args
 
 
 # the toy world: 9 frames of 32x32, its pretrained tiny Wan (flow shift 1), fewer sampling steps, a larger lr
 TOY = dict(subject_size=32, motion_size=[32, 32], motion_frames=9, height=32, width=32, frames=9, fps=4,
            max_text_len=16, proj_hidden=64, lr=1e-3, batch=4, shift=1.0, steps=20, cfg=4.0)
-
-
-def apply_toy_preset(args, parser):
-    import toyworld
-    for k, v in TOY.items():
-        if getattr(args, k) == parser.get_default(k):  # what the user set stays
-            setattr(args, k, v)
-    args.subject = args.subject or str(toyworld.ASSETS / "toy" / "subject")
-    args.motion = args.motion or str(toyworld.ASSETS / "toy" / "motion")
 
 
 # -----------------------------------------------------------------------------
@@ -478,38 +469,13 @@ ABLATIONS = {"base": ["--subject-steps", "0", "--motion-steps", "0"], "full": []
              "subject scale 1 throughout": ["--subject-early-scale", "1.0"]}
 
 
-def ablate(argv, args):
-    """Every variant x seed under --out/ablations/<variant>/seed<k>/, then one markdown table of mean +- std."""
-    import statistics
-    rest = [a for a in argv if a not in ("--ablate",)]
-    rows = {}
-    for name, flags in ABLATIONS.items():
-        runs = []
-        for seed in range(args.seeds):
-            out = Path(args.out) / "ablations" / name.split(" (")[0].replace(" ", "_") / f"seed{seed}"
-            runs.append(main(rest + flags + ["--seed", str(seed), "--out", str(out)]))
-            kept = Path("results/smrabooth") / out.relative_to(Path(args.out) / "ablations") / "metrics.json"
-            kept.parent.mkdir(parents=True, exist_ok=True)  # committed, so tables can be remade without training
-            kept.write_text((out / "metrics.json").read_text())
-        rows[name] = runs
-    lines = ["| variant | identity | motion | leakage | dynamics |", "| --- | --- | --- | --- | --- |"]
-    for name, runs in rows.items():
-        cells = [f"{statistics.mean(r[k] for r in runs):.3f} +- {statistics.pstdev(r[k] for r in runs):.3f}"
-                 for k in ("identity", "motion", "leakage", "dynamics")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + f"\n\n{args.seeds} seeds per row (mean +- std over seeds)."
-    (Path(args.out) / "ablations" / "table.md").write_text(table + "\n")
-    print(table)
-    return rows
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.ablate:
         if args.model != "toy":
             common.fail("--ablate runs the toy world's table: use it with --model toy")
-        return ablate(argv, args)
+        return common.run_ablations(main, argv, ABLATIONS, args.seeds, args.out, "smrabooth", "")
     images, masks, videos, prompts = read_inputs(args)
     if args.model != "toy":
         common.check_pretrained(args.model, "--model")
@@ -569,18 +535,7 @@ def main(argv=None):
     z = sample(transformer, m["scheduler"], text["sample"], text["uncond"], noise.to(device), args.steps, args.cfg,
                on_step=lambda i, n: set_injection(layers, args, i, n))
     video = m["vae"].decode(unnormalize(m["vae"], z.to(torch.float32))).sample[0].transpose(0, 1).float().cpu()
-    common.write_frames(out / "result", video)
-    common.write_video(out / "result.mp4", video, args.fps, upscale=8 if args.model == "toy" else 1)
-    grid = common.side_by_side([images[:1], videos[0], video])
-    common.write_video(out / "result_grid.mp4", grid, args.fps, upscale=8 if args.model == "toy" else 1)
-    print(f"wrote {out / 'result.mp4'} and {out / 'result_grid.mp4'} ({prompts['sample']!r})")
-    if args.model == "toy":
-        import toyworld
-        metrics = toyworld.evaluate(video, list(images), videos[0])
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print("toy metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        return metrics
-    return None
+    return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps, toy=args.model == "toy")
 
 
 if __name__ == "__main__":
