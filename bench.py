@@ -1,0 +1,391 @@
+"""bench.py: speed and memory of the three methods at their papers' sizes (spec: shared/specs/performance.md).
+
+Each backbone is built at its REAL size from its config, with random weights, directly on the GPU (speed and
+memory do not depend on the weights' values, and nothing is downloaded). The method's adapters are attached by the
+method file's own functions. Per method it measures one training step (forward + backward + AdamW; median of
+--iters after --warmup, CUDA events), its peak memory, achieved TFLOP/s (FLOPs counted by torch's FlopCounterMode
+on one step), with and without gradient checkpointing (out of memory is a result), and one whole sampling run with
+classifier-free guidance: our `sample` loop against the diffusers pipeline on the same weights and latents.
+
+    python bench.py                                   # a CUDA GPU (~80 GB for CogVideoX-5B); prints a table
+    python bench.py --methods smrabooth --json out/bench.json
+    python bench.py --tiny                            # the same code at toy sizes on the CPU (CI keeps it alive)
+"""
+import argparse
+import datetime
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common
+import dualreal
+import jointtuner
+import smrabooth
+import toyworld
+
+# -----------------------------------------------------------------------------
+# settings
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="smrabooth,jointtuner,dualreal", help="comma-separated")
+    p.add_argument("--tiny", action="store_true", help="toy backbones and sizes on the CPU, fp32, CPU timers")
+    p.add_argument("--iters", type=int, default=10, help="timed training steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed training steps first (kernels, allocator)")
+    p.add_argument("--sample-steps", type=int, default=50, help="denoising steps of the whole sampling run")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args(argv)
+    if args.tiny:  # a few iterations: CI checks that the code runs, not the numbers
+        args.iters, args.warmup, args.sample_steps = min(args.iters, 2), min(args.warmup, 1), min(args.sample_steps, 3)
+    return args
+
+
+# real configs (performance.md, verified by building them); text = (tokens, width) of the random prompt embeddings
+REAL = {
+    "wan": dict(cls="WanTransformer3DModel", text=(512, 4096), config=dict(
+        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads")),
+    "cogvideox": dict(cls="CogVideoXTransformer3DModel", text=(226, 4096), config=dict(
+        num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+        text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+        use_rotary_positional_embeddings=True)),
+    "unet3d": dict(cls="UNet3DConditionModel", text=(77, 1024), config=dict(cross_attention_dim=1024)),
+}
+TINY_TEXT = {"wan": 32, "cogvideox": 32, "unet3d": 32}  # the toy configs' text widths
+
+# the settings measured: (name, latent shape at real size, latent shape at --tiny); Wan and ZeroScope latents are
+# (B, C, F', h, w), CogVideoX's (B, F', C, h, w). Toy latents: 48 channels, 9 frames of 8x8 (toyworld's pixel VAE)
+SETTINGS = {
+    "smrabooth": [("LoRA 49x480x832", (1, 16, 13, 60, 104), (1, 48, 9, 8, 8)),
+                  ("motion+MoRA 49x320x576", (1, 16, 13, 40, 72), (1, 48, 9, 8, 8))],
+    "jointtuner": [("AiT 16x384x384", (1, 4, 16, 48, 48), (1, 48, 9, 8, 8))],
+    "dualreal": [("v-loss 49x480x720", (1, 13, 16, 60, 90), (1, 9, 48, 8, 8))],
+}
+
+
+# -----------------------------------------------------------------------------
+# FLOPs
+
+
+def wan_forward_flops(frames=49, height=480, width=832, linear_params=1.25e9, dim=1536, layers=30):
+    """Analytic forward FLOPs of Wan2.1-1.3B (performance.md): tokens N = F' h/16 w/16 with F' = 1 + (F - 1)/4;
+    every linear weight is used once per token (2 N P, P ~ 1.25e9 of the 1.42e9 parameters are in the blocks'
+    linears) and self-attention costs Q K^T plus attn V, 2 x 2 N^2 dim per layer (the 512-token cross-attention is
+    negligible). 49x480x832: 20,280 tokens, ~127 TFLOP."""
+    n = (1 + (frames - 1) // 4) * (height // 16) * (width // 16)
+    return 2 * n * linear_params + 4 * n ** 2 * dim * layers
+
+
+def count_flops(fn):
+    """FLOPs that torch dispatches during fn() (matmuls, convolutions and SDPA, forward and backward; the recompute
+    of gradient checkpointing counts too, so TFLOP/s is what the GPU did, not the floor)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# -----------------------------------------------------------------------------
+# setup: build on the device, timers
+
+
+def build(family, tiny, device, dtype):
+    """A random backbone built directly on `device` (no slow CPU init of billions of parameters), frozen in dtype."""
+    import diffusers
+    cls = REAL[family]["cls"]
+    config = toyworld.FAMILIES[family]["config"] if tiny else REAL[family]["config"]
+    with torch.device(device):
+        model = getattr(diffusers, cls)(**config)
+    model.to(dtype)
+    keep = model._keep_in_fp32_modules or []  # as from_pretrained(torch_dtype=bf16) does: Wan's norms, rope... in fp32
+    for name, module in model.named_modules():
+        if any(k in name.split(".") for k in keep):
+            module.float()
+    return model.eval().requires_grad_(False)
+
+
+def text_embeds(family, tiny, device, dtype, n=1):
+    """Random prompt embeddings (n, L, D) in place of the text encoder's (it is freed before training anyway)."""
+    length, width = (toyworld.MAX_TOKENS, TINY_TEXT[family]) if tiny else REAL[family]["text"]
+    return torch.randn(n, length, width, device=device, dtype=dtype)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, iters, warmup, device):
+    """Median seconds of fn() over `iters` runs after `warmup` runs; CUDA events on the GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
+# measuring: one training step (with and without checkpointing) and one sampling run (ours vs the pipeline)
+
+
+def train_step(loss_fn, opt):
+    opt.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    opt.step()
+
+
+def measure_training(model, loss_fn, params, args, device):
+    """[(grad_ckpt, step_s, peak_mem_gb, tflops)] for gradient checkpointing off and on; 'OOM' where it runs out."""
+    out = []
+    if not model._supports_gradient_checkpointing:  # diffusers' UNet3DConditionModel: not offered
+        out.append((True, "n/a", "n/a", None))
+    for ckpt in (False, True) if model._supports_gradient_checkpointing else (False,):
+        model.enable_gradient_checkpointing() if ckpt else model.disable_gradient_checkpointing()
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        try:
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            step_s = timed(lambda: train_step(loss_fn, opt), args.iters, args.warmup, device)
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
+            flops = count_flops(lambda: train_step(loss_fn, opt))
+            out.append((ckpt, step_s, peak, flops / step_s / 1e12 if flops else None))
+        except torch.cuda.OutOfMemoryError:
+            out.append((ckpt, "OOM", "OOM", None))
+        del opt
+        free()
+    if model._supports_gradient_checkpointing:
+        model.disable_gradient_checkpointing()
+    return sorted(out, key=lambda r: r[0])
+
+
+def measure_sampling(ours, pipeline, args, device):
+    """Seconds of one whole sampling run of our loop and of the pipeline (same weights, latents and steps)."""
+    with torch.no_grad():
+        ours_s = timed(ours, 1, 0, device)
+        pipe_s = timed(pipeline, 1, 0, device)
+    return dict(sample_step_s=ours_s / args.sample_steps, sample_s=ours_s, pipeline_s=pipe_s,
+                pipeline_ratio=ours_s / pipe_s)
+
+
+def rows_of(method, setting, training, sampling):
+    return [dict(method=method, setting=setting, grad_ckpt=ckpt, step_s=s, peak_mem=m, tflops=t, **sampling)
+            for ckpt, s, m, t in training]
+
+
+# -----------------------------------------------------------------------------
+# the three methods: backbone, the method's own adapters, its training loss, its sampler
+
+
+def wan_scheduler():
+    """Wan's sampler: UniPC on flow sigmas with shift 3 (480p), as the model's scheduler config."""
+    from diffusers import UniPCMultistepScheduler
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
+def flow_loss(transformer, z0, text, shift, gen, mora=None):
+    """SMRABooth's training step on Wan (train_stage): flow matching, plus MoRA (window decode + flow) if given."""
+    noise = torch.randn(z0.shape, generator=gen).to(z0.device)
+    sigma = smrabooth.sample_sigmas(1, shift, gen, z0.device)
+    z_t, v = common.noisy_and_target("flow", z0, noise, sigma)
+    v_pred = transformer(z_t.to(transformer.dtype), sigma * 1000, text, return_dict=False)[0].float()
+    loss = F.mse_loss(v_pred, v)
+    if mora is not None:
+        vae, flow, ref_flow, window = mora
+        frames, ref_idx = smrabooth.decode_window(vae, smrabooth.one_step_x0(z_t, v_pred, sigma), 0, window)
+        loss = loss + smrabooth.mora_loss(flow, frames, ref_flow[:, ref_idx[:-1]])
+    return loss
+
+
+def mora_pieces(tiny, device, frames, height, width, window):
+    """MoRA's frozen decoder and flow network: AutoencoderKLWan() and torchvision raft_large (random weights), fp32
+    as in the method; the toy world's pixel VAE and toy flow with --tiny. ref_flow is random (B, F - 1, 2, H, W)."""
+    if tiny:
+        vae, flow = toyworld.PixelVAE(), toyworld.toy_flow
+    else:
+        from diffusers import AutoencoderKLWan
+        from torchvision.models.optical_flow import raft_large
+        with torch.device(device):
+            vae, raft = AutoencoderKLWan(), raft_large(weights=None)
+        vae.eval().requires_grad_(False)
+        raft.eval().requires_grad_(False)
+        flow = lambda a, b: raft(a.float(), b.float(), num_flow_updates=12)[-1]  # as smrabooth.load_models
+    return vae, flow, torch.randn(1, frames - 1, 2, height, width, device=device), window
+
+
+def bench_smrabooth(args, device, dtype):
+    margs = smrabooth.parse_args([])  # the paper's ranks, shift, cfg and injection schedule
+    transformer = build("wan", args.tiny, device, dtype)
+    subject, motion = smrabooth.add_loras(transformer, margs)
+    transformer.set_adapters(["motion"])  # one stage trains one LoRA
+    text, uncond = (text_embeds("wan", args.tiny, device, dtype) for _ in range(2))
+    gen, rows = torch.Generator().manual_seed(0), []
+    for setting, real, tiny_shape in SETTINGS["smrabooth"]:
+        z0 = torch.randn(tiny_shape if args.tiny else real, device=device)
+        mora = None
+        if "MoRA" in setting:  # decoded frames: 16 of the 49 at 320x576 (6-latent window), all 9 of 32x32 toy ones
+            mora = mora_pieces(args.tiny, device, *((9, 32, 32) if args.tiny else (49, 320, 576)), margs.mora_window)
+        loss_fn = lambda: flow_loss(transformer, z0, text, margs.shift, gen, mora)
+        training = measure_training(transformer, loss_fn, motion, args, device)
+        rows.append((setting, training))
+        del mora
+        free()
+    # sampling at the paper's 49x480x832 with both LoRAs and sparse injection, vs WanPipeline (same LoRA scales)
+    from diffusers import WanPipeline
+    transformer.set_adapters(["subject", "motion"])
+    layers = common.lora_layers(transformer)
+    noise = torch.randn(SETTINGS["smrabooth"][0][2 if args.tiny else 1], device=device)
+    ours = lambda: smrabooth.sample(transformer, wan_scheduler(), text, uncond, noise, args.sample_steps, margs.cfg,
+                                    on_step=lambda i, n: smrabooth.set_injection(layers, margs, i, n))
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=wan_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    # pixel sizes only pass the pipeline's checks: the latents given are used as they are
+    run_pipe = lambda: pipe(prompt_embeds=text, negative_prompt_embeds=uncond, height=noise.shape[-2] * 8,
+                            width=noise.shape[-1] * 8, num_frames=(noise.shape[2] - 1) * 4 + 1,
+                            num_inference_steps=args.sample_steps, guidance_scale=margs.cfg, latents=noise,
+                            output_type="latent")
+    sampling = measure_sampling(ours, run_pipe, args, device)
+    del transformer, pipe
+    free()
+    return [r for setting, training in rows for r in rows_of("smrabooth", setting, training, sampling)]
+
+
+def bench_jointtuner(args, device, dtype):
+    from diffusers import TextToVideoSDPipeline
+    margs = jointtuner.parse_args([])
+    unet = build("unet3d", args.tiny, device, dtype)
+    adapters = jointtuner.add_adapters(unet, margs.rank, margs.dropout, not margs.no_gate)
+    params = jointtuner.trainable(adapters, False)["video"]
+    scheduler = toyworld.noise_schedule("unet3d")  # ZeroScope's DDIM config (scaled_linear betas)
+    text, uncond = (text_embeds("unet3d", args.tiny, device, dtype) for _ in range(2))
+    gen = torch.Generator().manual_seed(0)
+    setting, real, tiny_shape = SETTINGS["jointtuner"][0]
+    z0 = torch.randn(tiny_shape if args.tiny else real, device=device)
+    loss_fn = lambda: jointtuner.ait_loss(unet, z0, text, scheduler.alphas_cumprod, gen, margs.offset_noise)
+    training = measure_training(unet, loss_fn, params, args, device)
+    noise = torch.randn_like(z0)
+    ours = lambda: jointtuner.sample(unet, toyworld.noise_schedule("unet3d"), text, uncond, noise,
+                                     args.sample_steps, margs.cfg)
+    pipe = TextToVideoSDPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
+                                 scheduler=toyworld.noise_schedule("unet3d"))
+    pipe.set_progress_bar_config(disable=True)
+    run_pipe = lambda: pipe(prompt_embeds=text, negative_prompt_embeds=uncond, height=noise.shape[-2] * 8,
+                            width=noise.shape[-1] * 8, num_frames=noise.shape[2], num_inference_steps=args.sample_steps,
+                            guidance_scale=margs.cfg, latents=noise, output_type="latent")
+    sampling = measure_sampling(ours, run_pipe, args, device)
+    del unet, pipe
+    free()
+    return rows_of("jointtuner", setting, training, sampling)
+
+
+def bench_dualreal(args, device, dtype):
+    from diffusers import CogVideoXPipeline
+    margs = dualreal.parse_args([])
+    transformer = build("cogvideox", args.tiny, device, dtype)
+    cond_dim = 32 if args.tiny else 1024  # CLIP ViT-H/14's image embedding
+    dr = dualreal.add_dualreal(transformer, margs.adapter_dim, margs.groups, margs.blend_scale,
+                               not margs.no_controller, cond_dim, margs.controller_dim)
+    dr.c = torch.randn(1, cond_dim, device=device)  # a motion step: the clip's condition c is on
+    groups = dualreal.trainable(dr)
+    params = groups["motion"] + groups["controller"]
+    scheduler = toyworld.noise_schedule("cogvideox")  # CogVideoX's v-prediction DDIM config
+    text, uncond = (text_embeds("cogvideox", args.tiny, device, dtype) for _ in range(2))
+    gen = torch.Generator().manual_seed(0)
+    setting, real, tiny_shape = SETTINGS["dualreal"][0]
+    z0 = torch.randn(tiny_shape if args.tiny else real, device=device)
+    loss_fn = lambda: dualreal.v_loss(transformer, z0, text, scheduler.alphas_cumprod, gen)
+    training = measure_training(transformer, loss_fn, params, args, device)
+    noise = torch.randn_like(z0)
+    ours = lambda: dualreal.sample(transformer, toyworld.noise_schedule("cogvideox"), text, uncond, noise,
+                                   args.sample_steps, margs.cfg)
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                             scheduler=toyworld.noise_schedule("cogvideox"))
+    pipe.set_progress_bar_config(disable=True)
+    run_pipe = lambda: pipe(prompt_embeds=text, negative_prompt_embeds=uncond, height=noise.shape[-2] * 8,
+                            width=noise.shape[-1] * 8, num_frames=(noise.shape[1] - 1) * 4 + 1,
+                            num_inference_steps=args.sample_steps, guidance_scale=margs.cfg, latents=noise,
+                            output_type="latent", use_dynamic_cfg=False)
+    sampling = measure_sampling(ours, run_pipe, args, device)
+    del transformer, pipe, dr
+    free()
+    return rows_of("dualreal", setting, training, sampling)
+
+
+BENCHES = {"smrabooth": bench_smrabooth, "jointtuner": bench_jointtuner, "dualreal": bench_dualreal}
+
+
+# -----------------------------------------------------------------------------
+# output
+
+
+def fmt(x, digits=3):
+    return "-" if x is None else x if isinstance(x, str) else f"{x:.{digits}g}"
+
+
+def table(rows, header):
+    lines = [header, "",
+             "| method | setting | grad ckpt | step s | peak GB | TFLOP/s | sample step s | sample s | pipeline s | "
+             "ours / pipeline |", "|" + " --- |" * 10]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['setting']} | {'yes' if r['grad_ckpt'] else 'no'} | {fmt(r['step_s'])} | "
+                     f"{fmt(r['peak_mem'])} | {fmt(r['tflops'])} | {fmt(r['sample_step_s'])} | {fmt(r['sample_s'])} "
+                     f"| {fmt(r['pipeline_s'])} | {fmt(r['pipeline_ratio'])} |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        print("no CUDA device is available: nothing to measure (python bench.py --tiny runs the code on the CPU)")
+        return None
+    device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in BENCHES]
+    if unknown:
+        common.fail(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(BENCHES)})")
+    torch.manual_seed(0)
+    rows = []
+    for method in methods:
+        print(f"{method}: measuring ...", file=sys.stderr)
+        rows += BENCHES[method](args, device, dtype)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (--tiny: toy sizes, fp32)"
+    date = datetime.date.today().isoformat()
+    print(table(rows, f"{gpu}, {date}, torch {torch.__version__}, bs 1, {args.sample_steps} sampling steps"))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(gpu=gpu, date=date, torch=torch.__version__, rows=rows), indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
