@@ -1,0 +1,868 @@
+"""Zero-shot subject-driven video by dual-task learning, on CogVideoX.
+
+One model is trained once, on many subjects, and then makes a video of any new subject from ONE reference image,
+with no per-subject tuning. The reference image is VAE-encoded to one latent frame, patch-embedded by the
+transformer's own patch_embed.proj and joined to the sequence as clean condition tokens between the text and the
+video tokens (OminiControl-style). A LoRA on the frozen CogVideoX T5-to-video transformer learns to use them by
+alternating two tasks: with probability p an I2V "motion" step on an unpaired video (a random frame of the clip is
+the reference, half of its tokens dropped) keeps the model's motion; otherwise an identity step on a subject-image
+pair (the target is a one-frame video) teaches identity transfer. Sampling is CogVideoX's sampler with guidance on
+the text only; the reference tokens are in both branches.
+
+    # a real run (GPUs; weights from the hub cache or local folders, nothing is downloaded)
+    python dual_task_sdv.py train --pairs PAIRS --videos VIDEOS --out out/dual_task_sdv --grad-ckpt
+    python dual_task_sdv.py sample --ckpt out/dual_task_sdv --image ref.png --prompt "a <cls> toy car driving"
+    # the toy world on a CPU in minutes: train on toy pairs + videos, then sample held-out (novel) sprites
+    python dual_task_sdv.py --model toy
+    python dual_task_sdv.py --model toy --p 0          # image-only ablation (the paper: videos freeze)
+
+Sources: ../shared/specs/dual_task_sdv.md (the official inference code's behaviour, in words) and the paper
+(../shared/seeds/001: sections 3-5, supplement A (LoRA, optimiser), B (gradient analysis), D).
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+# -----------------------------------------------------------------------------
+# settings: paper values as defaults; --model toy applies TOY on top
+
+# supplement A.1. Peft matches a target as the whole module name or a ".target" suffix, so "proj" also hits
+# patch_embed.proj (the conv that embeds latents, also used for the reference tokens) and ff.net.0.proj (the FF's
+# first linear, inside GELU). We keep that on purpose: it is what the official config does, and the LoRA on
+# patch_embed.proj lets the model embed clean reference latents differently from noisy ones. It does NOT hit
+# proj_out or text_proj (the suffix must follow a dot); text_proj is listed by itself.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "norm1.linear", "norm2.linear", "ff.net.2", "proj", "text_proj"]
+ADAPTER = "dtsdv"
+CLS = "<cls>"
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = argv.pop(0) if argv and argv[0] in ("train", "sample") else None
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data (train)
+    p.add_argument("--pairs", help="folder with pairs.jsonl: one {ref, target, prompt} per line (paths relative)")
+    p.add_argument("--videos", help="folder of video files, each with a sidecar .txt caption")
+    p.add_argument("--max-bad", type=float, default=0.05, help="stop if more than this fraction of records is bad")
+    p.add_argument("--height", type=int, default=480, help="training and sampling size (the paper: 480x720)")
+    p.add_argument("--width", type=int, default=720)
+    p.add_argument("--frames", type=int, default=49, help="frames of the videos and of the result (4k+1)")
+    # sample
+    p.add_argument("--ckpt", help="sample mode: the --out folder of a training run (lora.safetensors)")
+    p.add_argument("--image", help="sample mode: the reference image of the subject")
+    p.add_argument("--prompt", help="sampling prompt; should contain <cls> before the subject noun")
+    p.add_argument("--negative-prompt", default="", help="unconditional prompt of guidance")
+    # models
+    p.add_argument("--model", default="THUDM/CogVideoX-5b", help="hub id, local folder, or 'toy'")
+    p.add_argument("--max-text-len", type=int, default=226, help="T5 tokens, as CogVideoXPipeline")
+    p.add_argument("--rank", type=int, default=128, help="LoRA rank (supplement A.1)")
+    p.add_argument("--lora-alpha", type=float, default=64)
+    p.add_argument("--lora-dropout", type=float, default=0.1)
+    p.add_argument("--no-train-cls", action="store_true", help="keep the <cls> embedding row frozen")
+    # dual-task optimisation
+    p.add_argument("--iterations", type=int, default=4000)
+    p.add_argument("--p", type=float, default=0.2, help="probability of a motion (I2V video) step")
+    p.add_argument("--p-drop", type=float, default=0.5, help="TokenDrop: chance of dropping each reference token")
+    p.add_argument("--no-random-frame", action="store_true", help="reference = frame 0 instead of a random frame")
+    p.add_argument("--t2v", action="store_true", help="motion steps without reference tokens (plain T2V)")
+    p.add_argument("--two-stage", action="store_true", help="first half identity steps only, then video steps only")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--lr-cycles", type=int, default=1, help="hard restarts of the cosine schedule")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--pair-batch", type=int, default=1, help="image pairs per identity step (per process)")
+    p.add_argument("--video-batch", type=int, default=1, help="videos per motion step (per process)")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (memory for speed)")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches per step")
+    p.add_argument("--grad-every", type=int, default=0, help="every K steps log cos(g_img, g_vid) and the norms on "
+                                                              "fixed held-out batches to grad_log.jsonl (0: off)")
+    p.add_argument("--pcgrad", type=int, default=0, choices=[0, 4, 8], help="buffered PCGrad, FIFO of 4 or 8 "
+                                                                            "domain-tagged gradients (0: off)")
+    # sampling
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg", type=float, default=6.0)
+    p.add_argument("--sampler", choices=["dpm", "ddim"], default="dpm")
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    # run
+    p.add_argument("--out", default="out/dual_task_sdv")
+    p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--toy-pairs", type=int, default=256, help="toy world: subject-image pairs made in memory")
+    p.add_argument("--toy-videos", type=int, default=64, help="toy world: unpaired videos made in memory")
+    p.add_argument("--ablate", action="store_true", help="toy world: p = 0 / 0.2 / 0.4 and the regulariser ablations")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per variant for --ablate")
+    args = p.parse_args(argv)
+    args.mode = mode or ("toy" if args.model == "toy" else "train")
+    if args.model == "toy":
+        args.subject = args.motion = None  # apply_toy_preset fills the bundled subject/motion (unused here)
+        common.apply_toy_preset(args, p, TOY)
+    return args
+
+
+# toy world: 9 frames of 32x32 (48 x 9 x 8 x 8 latents: 64 tokens a frame), text MAX_TOKENS; a smaller LoRA for a
+# 64-wide model (alpha/rank = 0.5 as the paper's), a larger lr, a short warm-up. Steps: see the README timing.
+TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, steps=20, cfg=4.0, sampler="ddim", rank=16,
+           lora_alpha=8, lora_dropout=0.0, iterations=2000, lr=1e-3, warmup=20, pair_batch=4, video_batch=2,
+           save_every=200, log_every=50)
+
+# -----------------------------------------------------------------------------
+# data: real folders (lazy, checked up front) and the toy world (in memory)
+
+
+def _bad(what, reason, bad):
+    print(f"warning: skipping {what}: {reason}", file=sys.stderr)
+    bad.append(what)
+
+
+def _check_bad(bad, total, max_bad, kind):
+    if total == 0 or len(bad) / total > max_bad:
+        common.fail(f"{len(bad)} of {total} {kind} records are bad (more than --max-bad {max_bad:g}); fix the data")
+
+
+def read_pairs(folder, max_bad):
+    """[(ref path, target path, prompt)] from FOLDER/pairs.jsonl: {"ref", "target", "prompt"} per line, or
+    {"image", "prompt"} for a side-by-side composite (Subject200K; ref == target path marks it). Bad lines are
+    counted, warned and skipped."""
+    folder = Path(folder)
+    index = folder / "pairs.jsonl"
+    if not index.is_file():
+        common.fail(f"--pairs {folder} has no pairs.jsonl (one {{\"ref\", \"target\", \"prompt\"}} per line)")
+    good, bad, lines = [], [], [line for line in index.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines, 1):
+        try:
+            r = json.loads(line)
+            if "image" in r:  # a Subject200K-style side-by-side composite: left = ref, right = target
+                r = dict(r, ref=r["image"], target=r["image"])
+            ref, target, prompt = folder / r["ref"], folder / r["target"], str(r["prompt"]).strip()
+        except (ValueError, KeyError, TypeError) as e:
+            _bad(f"pairs.jsonl line {i}", f"not a {{ref, target, prompt}} record ({e})", bad)
+            continue
+        missing = [q for q in (ref, target) if not q.is_file()]
+        if missing or not prompt:
+            _bad(f"pairs.jsonl line {i}", f"missing file {missing[0]}" if missing else "empty prompt", bad)
+            continue
+        good.append((ref, target, prompt))
+    _check_bad(bad, len(lines), max_bad, "pair")
+    return good
+
+
+def read_videos(folder, max_bad):
+    """[(video path, caption)]: video files of FOLDER with a non-empty sidecar .txt caption."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        common.fail(f"--videos {folder} is not a folder of videos with .txt captions")
+    files = sorted(q for q in folder.iterdir() if q.suffix.lower() in common.VIDEO_EXTS)
+    good, bad = [], []
+    for q in files:
+        cap = q.with_suffix(".txt")
+        text = cap.read_text().strip() if cap.is_file() else ""
+        if not text:
+            _bad(str(q), "no caption (a non-empty sidecar .txt)", bad)
+            continue
+        good.append((q, text))
+    _check_bad(bad, len(files), max_bad, "video")
+    return good
+
+
+class FolderData:
+    """Real data, read lazily per step. A file that fails to decode during training is warned about, counted, and
+    replaced by another random record (the run stops once the bad fraction passes --max-bad)."""
+
+    def __init__(self, args):
+        self.pairs, self.videos = read_pairs(args.pairs, args.max_bad), read_videos(args.videos, args.max_bad)
+        self.size, self.frames, self.max_bad, self.bad = (args.height, args.width), args.frames, args.max_bad, []
+
+    def _load(self, records, idx, load, gen):
+        out = []
+        for i in idx.tolist():
+            while True:
+                try:
+                    out.append(load(records[i]))
+                    break
+                except Exception as e:  # unreadable file: one warning, counted, another record instead
+                    _bad(str(records[i][0]), f"unreadable ({type(e).__name__}: {e})", self.bad)
+                    _check_bad(self.bad, len(records), self.max_bad, "training")
+                    i = int(torch.randint(len(records), (1,), generator=gen))
+        return out
+
+    def _pair(self, r):
+        if r[0] == r[1]:  # composite: the left half is the reference, the right half the target
+            both = common.read_image(r[0], (self.size[0], 2 * self.size[1]))
+            return both[..., :self.size[1]], both[..., self.size[1]:], r[2]
+        return common.read_image(r[0], self.size), common.read_image(r[1], self.size), r[2]
+
+    def pair_batch(self, idx, gen):
+        got = self._load(self.pairs, idx, self._pair, gen)
+        return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got]), [g[2] for g in got]
+
+    def video_batch(self, idx, gen):
+        got = self._load(self.videos, idx, lambda r: (common.read_video(r[0], self.frames, self.size), r[1]), gen)
+        return torch.stack([g[0] for g in got]), [g[1] for g in got]
+
+
+def toy_prompt(c, image=False):
+    """Toy prompts name neither the sprite's colour, shape nor pattern: '<cls>' stands for the subject, so identity
+    must come from the reference tokens ('a picture of a <cls> on a white background')."""
+    if image:
+        return f"a picture of a {CLS} on a {c['background']} background"
+    return f"a {CLS} {toy_motion_words(c['motion'])} on a {c['background']} background"
+
+
+def toy_motion_words(motion):
+    import toyworld
+    return toyworld.MOTION_WORDS[motion]
+
+
+class ToyData:
+    """Subject-image pairs: the same sprite (pretraining shapes/patterns only) in two scenes (another background
+    and position); unpaired videos: random pretraining concepts moving. All rendered once, in memory."""
+
+    def __init__(self, n_pairs, n_videos, seed):
+        import toyworld as tw
+        gen = torch.Generator().manual_seed(1000 + seed)
+        bgs = list(tw.BACKGROUNDS)
+        cs = tw.random_concepts(n_pairs, gen)
+        other = [dict(c, background=bgs[(bgs.index(c["background"]) + 1 + int(torch.randint(len(bgs) - 1, (1,),
+                                          generator=gen))) % len(bgs)]) for c in cs]
+        still = lambda xs: [dict(c, motion="still") for c in xs]
+        self.ref = tw.render(still(cs), gen, frames=1)[:, 0]
+        self.target = tw.render(still(other), gen, frames=1)[:, 0]
+        self.prompts = [toy_prompt(c, image=True) for c in other]
+        vs = tw.random_concepts(n_videos, gen)
+        self.clips, self.captions = tw.render(vs, gen), [toy_prompt(c) for c in vs]
+        self.pairs, self.videos = self.prompts, self.captions  # lengths
+
+    def pair_batch(self, idx, gen):
+        return self.ref[idx], self.target[idx], [self.prompts[i] for i in idx.tolist()]
+
+    def video_batch(self, idx, gen):
+        return self.clips[idx], [self.captions[i] for i in idx.tolist()]
+
+
+# -----------------------------------------------------------------------------
+# models
+
+
+def load_models(args, device, dtype):
+    """CogVideoX transformer, VAE, T5 + tokenizer (with <cls> added) and scheduler, or the toy world's pieces."""
+    if args.model == "toy":
+        import toyworld
+        m = dict(transformer=toyworld.load_backbone("cogvideox"), vae=toyworld.PixelVAE(),
+                 tokenizer=toyworld.tokenizer("t5"), text_encoder=toyworld.text_encoder("t5"),
+                 scheduler=toyworld.noise_schedule("cogvideox"))  # the toy tokenizer already knows <cls>
+    else:
+        from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
+                               CogVideoXTransformer3DModel)
+        from transformers import AutoTokenizer, T5EncoderModel
+        sched = CogVideoXDPMScheduler if args.sampler == "dpm" else CogVideoXDDIMScheduler
+        m = dict(transformer=CogVideoXTransformer3DModel.from_pretrained(args.model, subfolder="transformer",
+                                                                         torch_dtype=dtype),
+                 vae=AutoencoderKLCogVideoX.from_pretrained(args.model, subfolder="vae", torch_dtype=dtype),
+                 tokenizer=AutoTokenizer.from_pretrained(args.model, subfolder="tokenizer"),
+                 text_encoder=T5EncoderModel.from_pretrained(args.model, subfolder="text_encoder", torch_dtype=dtype),
+                 scheduler=sched.from_pretrained(args.model, subfolder="scheduler"))
+        m["vae"].enable_slicing()
+        m["vae"].enable_tiling()
+        if CLS not in m["tokenizer"].get_vocab():  # a new word: a new embedding row (trained with the LoRA)
+            m["tokenizer"].add_tokens([CLS])
+            m["text_encoder"].resize_token_embeddings(len(m["tokenizer"]))
+    cfg = m["transformer"].config
+    if not cfg.use_rotary_positional_embeddings or cfg.patch_size_t is not None:
+        common.fail(f"--model {args.model}: reference tokens need CogVideoX 1.0 with rotary embeddings (the 5B)")
+    for k in ("transformer", "vae", "text_encoder"):
+        m[k] = m[k].to(device).eval().requires_grad_(False)
+    return m
+
+
+def add_lora(transformer, args):
+    """The LoRA of supplement A.1 (B = 0 at start: the model is exactly the base model)."""
+    return common.add_lora(transformer, ADAPTER, args.rank, LORA_TARGETS, alpha=args.lora_alpha,
+                           dropout=args.lora_dropout)
+
+
+def cls_row(tokenizer, text_encoder):
+    """The <cls> token id and the T5 input embedding matrix whose row it is."""
+    return tokenizer.convert_tokens_to_ids(CLS), text_encoder.get_input_embeddings().weight
+
+
+def text_embeds(tokenizer, text_encoder, prompts, max_len):
+    """T5 embeddings (B, L, D) of prompts, differentiable in the embedding matrix when it requires grad (the <cls>
+    row is trained). CogVideoX uses the raw outputs at pad positions."""
+    tok = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    return text_encoder(tok.input_ids.to(text_encoder.device)).last_hidden_state.float()
+
+
+@torch.no_grad()
+def encode_video(vae, video):
+    """(B, F, 3, H, W) in [-1, 1] -> (B, F', C, h, w) x scaling_factor (the posterior mean). One frame -> one."""
+    z = vae.encode(video.transpose(1, 2).to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+    return z.float().transpose(1, 2)
+
+
+@torch.no_grad()
+def decode_video(vae, z):
+    return vae.decode((z.transpose(1, 2) / vae.config.scaling_factor).to(vae.dtype)).sample.float().transpose(1, 2)
+
+
+# -----------------------------------------------------------------------------
+# the transformer's forward with reference tokens: [text, ref, video], built from its own modules
+
+
+def ref_tokens(transformer, ref):
+    """Reference latent (B, 1, C, h, w) -> tokens (B, h/p * w/p, D) by the transformer's own patch_embed.proj (the
+    video tokens are made by the same conv). CogVideoX 1.0 (rotary, no absolute positions) only."""
+    x = transformer.patch_embed.proj(ref[:, 0].to(transformer.dtype))  # (B, D, h/p, w/p)
+    return x.flatten(2).transpose(1, 2)
+
+
+def rope(x, cos, sin):
+    """CogVideoX's rotary embedding (interleaved pairs, as diffusers' apply_rotary_emb with use_real) on x
+    (B, H, S, Dh); cos/sin (S, Dh) shared or (B, S, Dh) per sample (token dropping keeps different positions)."""
+    cos, sin = (c[None, None] if c.ndim == 2 else c[:, None] for c in (cos, sin))
+    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def attention(attn, x, n_text, rotary):
+    """The block's attention (its to_q/k/v, norm_q/k, to_out: LoRA included) over the whole sequence x; rotary on
+    every token after the first n_text. What CogVideoXAttnProcessor2_0 computes, but with per-sample positions."""
+    b, s, _ = x.shape
+    q, k, v = (m(x).view(b, s, attn.heads, -1).transpose(1, 2) for m in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    if rotary is not None:
+        q = torch.cat([q[:, :, :n_text], rope(q[:, :, n_text:], *rotary)], 2)
+        k = torch.cat([k[:, :, :n_text], rope(k[:, :, n_text:], *rotary)], 2)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, -1)
+    return attn.to_out[1](attn.to_out[0](o))
+
+
+def block_forward(block, txt, ref, vid, emb, emb0, rotary):
+    """CogVideoXBlock.forward with a third group of tokens: ref gets the block's own norm1/norm2 (adaLN-zero) with
+    the timestep embedding of t = 0 (clean condition tokens, OminiControl-style; no new weights). Attention and FF
+    see [text, ref, video] as one sequence."""
+    n_txt, n_ref = txt.shape[1], ref.shape[1]
+    nv, nt, gv, gt = block.norm1(vid, txt, emb)
+    nr, _, gr, _ = block.norm1(ref, ref, emb0)  # the "video" half of norm1's modulation, at t = 0
+    a = attention(block.attn1, torch.cat([nt, nr, nv], 1), n_txt, rotary)
+    txt, ref, vid = txt + gt * a[:, :n_txt], ref + gr * a[:, n_txt:n_txt + n_ref], vid + gv * a[:, n_txt + n_ref:]
+    nv, nt, gv, gt = block.norm2(vid, txt, emb)
+    nr, _, gr, _ = block.norm2(ref, ref, emb0)
+    f = block.ff(torch.cat([nt, nr, nv], 1))
+    return txt + gt * f[:, :n_txt], ref + gr * f[:, n_txt:n_txt + n_ref], vid + gv * f[:, n_txt + n_ref:]
+
+
+def reference_rotary(transformer, frames, h, w, n_ref, keep=None):
+    """(cos, sin) for [ref, video]: a (frames + 1)-frame grid, the reference on frame 0 and the video on frames
+    1..frames. keep (B, k) gathers the kept reference positions per sample -> (B, S, Dh). n_ref = 0: the base
+    model's grid (video on frames 0..frames-1)."""
+    p = transformer.config.patch_size
+    if n_ref == 0 and keep is None:
+        return common.cogvideox_rotary(transformer, frames, h, w)
+    cos, sin = common.cogvideox_rotary(transformer, frames + 1, h, w)
+    per_frame = (h // p) * (w // p)
+    if keep is None:
+        return cos, sin
+    pick = lambda c: torch.cat([c[keep], c[None, per_frame:].expand(keep.shape[0], -1, -1)], 1)
+    return pick(cos), pick(sin)
+
+
+def forward_with_reference(transformer, z, text, t, ref=None, keep=None):
+    """v-prediction (B, F, C, h, w) for noisy latents z, text embeddings (B, L, D), timesteps t (B,), and the
+    reference latent ref (B, 1, C, h, w) (None: no reference tokens: exactly the base transformer). keep (B, k):
+    indices of the reference tokens kept by TokenDrop (None: all)."""
+    tr = transformer
+    b, f, c, h, w = z.shape
+    dt = tr.dtype
+    time = lambda tt: tr.time_embedding(tr.time_proj(tt).to(dt), None)
+    emb = time(t)
+    seq = tr.embedding_dropout(tr.patch_embed(text.to(dt), z.to(dt)))  # text_proj + proj, as the base model
+    txt, vid = seq[:, :text.shape[1]], seq[:, text.shape[1]:]
+    if ref is None:
+        r = vid[:, :0]
+    else:
+        r = ref_tokens(tr, ref)
+        if keep is not None:
+            r = torch.gather(r, 1, keep[..., None].expand(-1, -1, r.shape[-1]))
+    emb0 = time(torch.zeros_like(t))
+    rotary = reference_rotary(tr, f, h, w, r.shape[1], keep if ref is not None else None)
+    for block in tr.transformer_blocks:
+        if torch.is_grad_enabled() and tr.gradient_checkpointing:
+            txt, r, vid = torch.utils.checkpoint.checkpoint(block_forward, block, txt, r, vid, emb, emb0, rotary,
+                                                            use_reentrant=False)
+        else:
+            txt, r, vid = block_forward(block, txt, r, vid, emb, emb0, rotary)
+    x = tr.proj_out(tr.norm_out(tr.norm_final(vid), temb=emb))
+    p = tr.config.patch_size
+    x = x.reshape(b, f, h // p, w // p, -1, p, p).permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
+    return x.float()
+
+
+# -----------------------------------------------------------------------------
+# the dual-task pieces: task draw, RandomFrameSelect, TokenDrop, the loss
+
+
+class TaskSampler:
+    """u ~ U(0, 1) from a generator seeded the same on every rank: u < p -> a video (motion) step, else an identity
+    step. Every rank draws the same sequence, so all ranks run the same task in a step."""
+
+    def __init__(self, seed, p, two_stage_at=None):
+        self.gen, self.p, self.two_stage_at = torch.Generator().manual_seed(seed), p, two_stage_at
+
+    def __call__(self, step):
+        u = float(torch.rand(1, generator=self.gen))
+        if self.two_stage_at is not None:  # --two-stage: identity first, then video
+            return step >= self.two_stage_at
+        return u < self.p
+
+
+def token_keep(n_tokens, batch, p_drop, gen):
+    """TokenDrop: the kept count k ~ Binomial(n, 1 - p_drop) drawn once per batch (no padding), the kept positions
+    per sample (sorted) -> (B, k) indices."""
+    if p_drop <= 0:
+        return None
+    k = int(torch.binomial(torch.tensor(float(n_tokens)), torch.tensor(1.0 - p_drop), generator=gen))
+    return torch.stack([torch.randperm(n_tokens, generator=gen)[:k].sort().values for _ in range(batch)])
+
+
+def reference_frames(clips, random_frame, gen):
+    """RandomFrameSelect: one frame per clip (B, 3, H, W), uniform over the clip, or frame 0."""
+    b, f = clips.shape[:2]
+    idx = torch.randint(f, (b,), generator=gen) if random_frame else torch.zeros(b, dtype=torch.long)
+    return clips[torch.arange(b), idx]
+
+
+def v_loss(transformer, z0, text, alphas_cumprod, gen, ref=None, keep=None):
+    """CogVideoX's v-prediction loss as diffusers' LoRA example: one-step x0 from the predicted v against x0,
+    weighted by 1 / (1 - alpha_bar_t); uniform timesteps."""
+    noise = torch.randn(z0.shape, generator=gen).to(z0.device)
+    t = torch.randint(0, len(alphas_cumprod), (z0.shape[0],), generator=gen).to(z0.device)
+    z_t, _ = common.noisy_and_target("v", z0, noise, t, alphas_cumprod)
+    x0 = common.predicted_x0("v", z_t, forward_with_reference(transformer, z_t, text, t, ref, keep), t,
+                             alphas_cumprod)
+    weight = 1 / (1 - alphas_cumprod.to(z0.device)[t].float())
+    return (weight * (x0 - z0).pow(2).flatten(1).mean(1)).mean()
+
+
+def trainable(transformer, m, args):
+    lora = [p for n, p in transformer.named_parameters() if f".{ADAPTER}." in n]
+    if args.no_train_cls:
+        return lora, None
+    cid, emb = cls_row(m["tokenizer"], m["text_encoder"])
+    emb.requires_grad_(True)
+    mask = torch.zeros(emb.shape[0], 1, device=emb.device)
+    mask[cid] = 1
+    emb.register_hook(lambda g: g * mask.to(g.dtype))  # only the <cls> row learns
+    return lora, emb
+
+
+def step_loss(m, kind, batch, args, gen):
+    """The loss of one task on one batch: "video" = I2V on the whole clip (RandomFrameSelect, TokenDrop; --t2v: no
+    reference), "image" = identity on a one-frame target video conditioned on the reference image."""
+    tr, vae, ac = m["transformer"], m["vae"], m["scheduler"].alphas_cumprod
+    dev = next(tr.parameters()).device
+    enc = lambda prompts: text_embeds(m["tokenizer"], m["text_encoder"], prompts, args.max_text_len)
+    if kind == "video":
+        clips, captions = batch
+        z0, ref, keep = encode_video(vae, clips.to(dev)), None, None
+        if not args.t2v:
+            ref = encode_video(vae, reference_frames(clips, not args.no_random_frame, gen)[:, None].to(dev))
+            keep = token_keep(ref.shape[-2] * ref.shape[-1] // tr.config.patch_size ** 2, len(clips), args.p_drop, gen)
+            keep = keep.to(dev) if keep is not None else None
+        return v_loss(tr, z0, enc(captions), ac, gen, ref, keep)
+    refs, targets, prompts = batch
+    z0, ref = encode_video(vae, targets[:, None].to(dev)), encode_video(vae, refs[:, None].to(dev))
+    return v_loss(tr, z0, enc(prompts), ac, gen, ref)  # a one-frame video on a 2-frame rotary grid
+
+
+# -----------------------------------------------------------------------------
+# data parallelism (torchrun), flat gradients, gradient monitoring and buffered PCGrad
+
+
+def ddp_setup():
+    """(rank, world): torch.distributed under torchrun (NCCL on GPUs, gloo on CPUs), else (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def flat_grad(params):
+    """The gradients of params concatenated in a fixed order (zeros where None), fp32."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in params])
+
+
+def set_flat_grad(params, flat):
+    i = 0
+    for p in params:
+        p.grad = flat[i:i + p.numel()].view_as(p).to(p.dtype).clone()
+        i += p.numel()
+
+
+def average_across_ranks(flat, world):
+    """The mean of a flat tensor over ranks (what DDP's all-reduce does to gradients)."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(flat)
+        flat /= world
+    return flat
+
+
+def pcgrad_project(g, other, eps=1e-12):
+    """Supplement B.3: g - 1[<g, o> < 0] <g, o> / (||o||^2 + eps) o, i.e. remove the component of g that conflicts
+    with the other task's gradient o (nothing changes when they do not conflict)."""
+    dot = torch.dot(g, other)
+    return g - dot / (other.dot(other) + eps) * other if dot < 0 else g
+
+
+class PCGradBuffer:
+    """Buffered PCGrad (B.3): a FIFO of the last `size` (domain, gradient) pairs. The current step's gradient is
+    projected against the most recent gradient of the OTHER domain in the buffer (B.3's projection formula); until
+    both domains are in the buffer, no projection. We use the projected gradient of the step's own task as the
+    update (one task per step, as the stochastic schedule), not B.3's (1-p) g_img + p g_vid mixture of buffered
+    gradients (C.5 writes it differently again), which would apply stale gradients."""
+
+    def __init__(self, size):
+        self.size, self.items = size, []
+
+    def __call__(self, kind, g):
+        other = next((h for k, h in reversed(self.items) if k != kind), None)
+        self.items = (self.items + [(kind, g.detach().clone())])[-self.size:]
+        return g if other is None else pcgrad_project(g, other)
+
+
+def grad_probe(m, params, probe, args, world):
+    """cos(g_img, g_vid), ||g_img||, ||g_vid|| on the fixed held-out batches (fixed noise too), averaged over ranks
+    like the pre-sync capture of supplement B; the parameters' gradients are cleared afterwards."""
+    g = {}
+    for kind, batch in probe.items():
+        for p in params:
+            p.grad = None
+        step_loss(m, kind, batch, args, torch.Generator().manual_seed(args.seed + 777)).backward()
+        g[kind] = average_across_ranks(flat_grad(params), world)
+    for p in params:
+        p.grad = None
+    return dict(cos=float(F.cosine_similarity(g["image"], g["video"], dim=0)), norm_img=float(g["image"].norm()),
+                norm_vid=float(g["video"].norm()))
+
+
+def plot_grad_log(path, png):
+    """Fig. 5: the gradient cosine over steps (and the norms), if matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3))
+    ax[0].plot([r["step"] for r in rows], [r["cos"] for r in rows])
+    ax[0].axhline(0, color="gray", lw=0.5)
+    ax[0].set(xlabel="step", ylabel="cos(g_img, g_vid)")
+    for k in ("norm_img", "norm_vid"):
+        ax[1].plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
+    ax[1].set(xlabel="step", ylabel="gradient norm")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def shard(n, rank, world):
+    """A DistributedSampler-style split: rank r draws from records r, r + world, ..."""
+    idx = torch.arange(rank, n, world)
+    return idx if len(idx) else torch.arange(n)
+
+
+def train(m, data, args, out, rank=0, world=1):
+    """Algorithm 1: each step is a video (I2V) or an identity (one-frame) step, drawn by a task generator seeded the
+    same on every rank; data and noise use per-rank generators. Gradients are averaged over ranks by hand (our
+    forward does not go through transformer.forward, which DDP's wrapper would need): the same update as DDP."""
+    from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
+    tr = m["transformer"]
+    lora, emb = trainable(tr, m, args)
+    params = lora + ([emb] if emb is not None else [])
+    groups = [dict(params=lora)] + ([dict(params=[emb], weight_decay=0.0)] if emb is not None else [])
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    sched = get_cosine_with_hard_restarts_schedule_with_warmup(opt, args.warmup, args.iterations, args.lr_cycles)
+    gen = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)       # data + noise: per rank
+    tasks = TaskSampler(args.seed, args.p, args.iterations // 2 if args.two_stage else None)  # the same on all ranks
+    pcgrad = PCGradBuffer(args.pcgrad) if args.pcgrad else None
+    state = load_state(out, tr, emb) if args.resume else {}
+    if state.get("opt"):
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"][rank] if isinstance(state["gen"], list) else state["gen"])
+        tasks.gen.set_state(state["tasks"])
+    pair_idx, video_idx = shard(len(data.pairs), rank, world), shard(len(data.videos), rank, world)
+    draw = lambda pool, b, g: pool[torch.randint(len(pool), (b,), generator=g)]
+    probe = None
+    if args.grad_every:  # fixed held-out mini-batches (the same every time; drawn from a generator of their own)
+        pg = torch.Generator().manual_seed(args.seed + 999)
+        probe = dict(image=data.pair_batch(draw(pair_idx, args.pair_batch, pg), pg),
+                     video=data.video_batch(draw(video_idx, args.video_batch, pg), pg))
+    log, last = common.StepLog(out / "log.jsonl", every=args.log_every), {}
+    tr.train()
+    bar = tqdm(range(state.get("step", 0), args.iterations), desc="dual-task", disable=None if rank == 0 else True)
+    for step in bar:
+        if probe is not None and step % args.grad_every == 0:
+            stats = grad_probe(m, params, probe, args, world)
+            if rank == 0:
+                with open(out / "grad_log.jsonl", "a") as f:
+                    f.write(json.dumps(dict(step=step, **stats)) + "\n")
+        kind = "video" if tasks(step) else "image"
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(args.accum):
+            if kind == "video":
+                batch = data.video_batch(draw(video_idx, args.video_batch, gen), gen)
+            else:
+                batch = data.pair_batch(draw(pair_idx, args.pair_batch, gen), gen)
+            loss = step_loss(m, kind, batch, args, gen) / args.accum
+            common.check_finite(loss, step)
+            loss.backward()
+            total += loss.item()
+        if world > 1 or pcgrad is not None:
+            g = average_across_ranks(flat_grad(params), world)
+            set_flat_grad(params, pcgrad(kind, g) if pcgrad is not None else g)
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        sched.step()
+        last[kind] = total
+        if rank == 0:
+            log(step + 1, bar, **last, lr=sched.get_last_lr()[0])
+        if (step + 1) % args.save_every == 0 and step + 1 < args.iterations:
+            save_state(out, tr, emb, step + 1, opt, sched, gen, tasks, rank, world)
+    if probe is not None and rank == 0 and (out / "grad_log.jsonl").is_file():
+        plot_grad_log(out / "grad_log.jsonl", out / "grad_log.png")
+    tr.eval()
+    return emb
+
+
+def lora_state(tr):
+    return {n: p.detach().float().cpu().contiguous() for n, p in tr.named_parameters() if f".{ADAPTER}." in n}
+
+
+def save_state(out, tr, emb, step, opt, sched, gen, tasks, rank=0, world=1):
+    """Rank 0 writes; the per-rank data/noise generator states are gathered so that --resume continues each rank."""
+    gens = [gen.get_state()]
+    if world > 1:
+        import torch.distributed as dist
+        gens = [None] * world
+        dist.all_gather_object(gens, gen.get_state())
+    if rank == 0:
+        common.save_atomic(dict(step=step, lora=lora_state(tr), emb=None if emb is None else emb.detach().cpu(),
+                                opt=opt.state_dict(), sched=sched.state_dict(), gen=gens,
+                                tasks=tasks.gen.get_state(), rng=common.rng_state()), out / "ckpt.pt")
+
+
+def load_state(out, tr, emb):
+    state = common.load_checkpoint(out / "ckpt.pt")
+    tr.load_state_dict(state["lora"], strict=False)
+    if emb is not None and state["emb"] is not None:
+        emb.data.copy_(state["emb"])
+    common.set_rng_state(state["rng"])
+    return state
+
+
+# lora.safetensors: the LoRA's weights under their peft module names (lora_A/lora_B.dtsdv) and "cls_embedding"
+# (the trained T5 input row of <cls>, (D,)); metadata: rank, alpha, targets, model, iterations, p
+
+
+def save_lora(tr, m, args, path):
+    from safetensors.torch import save_file
+    sd = lora_state(tr)
+    cid, emb = cls_row(m["tokenizer"], m["text_encoder"])
+    sd["cls_embedding"] = emb[cid].detach().float().cpu().contiguous()
+    meta = dict(method="dual_task_sdv", model=args.model, rank=str(args.rank), alpha=str(args.lora_alpha),
+                targets=json.dumps(LORA_TARGETS), iterations=str(args.iterations), p=str(args.p))
+    common.save_atomic(sd, path, lambda s, q: save_file(s, q, metadata=meta))
+
+
+def load_lora(tr, m, path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    common.add_lora(tr, ADAPTER, int(meta["rank"]), json.loads(meta["targets"]), alpha=float(meta["alpha"]))
+    sd = load_file(str(path))
+    cls = sd.pop("cls_embedding")
+    missing = set(sd) - {n for n, _ in tr.named_parameters()}
+    if missing:
+        common.fail(f"{path} does not fit this --model ({len(missing)} unknown weights); train again")
+    tr.load_state_dict(sd, strict=False)
+    cid, emb = cls_row(m["tokenizer"], m["text_encoder"])
+    emb.data[cid] = cls.to(emb.dtype)
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+@torch.no_grad()
+def sample(tr, scheduler, text, uncond, ref, latents, steps, cfg):
+    """Denoise latents (B, F', C, h, w) with guidance on the text only: both branches see the reference tokens."""
+    from diffusers import CogVideoXDPMScheduler
+    scheduler.set_timesteps(steps, device=latents.device)
+    z, n, old_x0 = latents * scheduler.init_noise_sigma, latents.shape[0], None
+    cond, refs = torch.cat([uncond.expand_as(text), text]), torch.cat([ref, ref])
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        zz = scheduler.scale_model_input(torch.cat([z, z]), t)
+        u, c = forward_with_reference(tr, zz, cond, t.expand(2 * n), refs).chunk(2)
+        v = u + cfg * (c - u)
+        if isinstance(scheduler, CogVideoXDPMScheduler):
+            z, old_x0 = scheduler.step(v, old_x0, t, timesteps[i - 1] if i > 0 else None, z, return_dict=False)
+        else:
+            z = scheduler.step(v, t, z, return_dict=False)[0]
+    return z
+
+
+def generate(m, image, prompt, args, seed):
+    """One video (F, 3, H, W) of the subject in `image` (3, H, W) following `prompt`."""
+    tr, vae = m["transformer"], m["vae"]
+    dev = next(tr.parameters()).device
+    with torch.no_grad():
+        text = text_embeds(m["tokenizer"], m["text_encoder"], [prompt], args.max_text_len)
+        uncond = text_embeds(m["tokenizer"], m["text_encoder"], [args.negative_prompt], args.max_text_len)
+    ref = encode_video(vae, image[None, None].to(dev))
+    gen = torch.Generator().manual_seed(seed)
+    t_lat = (args.frames - 1) // vae.config.temporal_compression_ratio + 1
+    s = 2 ** (len(vae.config.block_out_channels) - 1)
+    noise = torch.randn(1, t_lat, tr.config.in_channels, args.height // s, args.width // s, generator=gen)
+    z = sample(tr, m["scheduler"], text, uncond, ref, noise.to(dev), args.steps, args.cfg)
+    return decode_video(vae, z)[0].cpu().clamp(-1, 1)
+
+
+# held-out toy subjects: novel shapes/patterns never in training (toyworld.SUBJECT first), each with a prompt
+TOY_HELDOUT = [dict(colour="yellow", shape="star", pattern="dotted", background="white", motion="right"),
+               dict(colour="red", shape="ring", pattern="solid", background="black", motion="down"),
+               dict(colour="green", shape="square", pattern="dotted", background="white", motion="left"),
+               dict(colour="blue", shape="star", pattern="striped", background="black", motion="circle")]
+
+
+def toy_eval(m, args, out):
+    """Sample each held-out sprite from a reference image (its own scene) into a video on a gray background;
+    identity = factor match against the reference's recognised factors; dynamics = mean sprite speed."""
+    import toyworld as tw
+    rows, videos, refs = [], [], []
+    for i, c in enumerate(TOY_HELDOUT):
+        ref = tw.render([dict(c, motion="still")], torch.Generator().manual_seed(i), frames=1)[0, 0]
+        prompt = toy_prompt(dict(c, background="gray"))
+        video = generate(m, ref, prompt, args, args.seed + i)
+        factors = tw.reference_factors([ref])
+        traj = tw.centroids(tw.segment(video)[1])
+        template = tw.trajectory(c["motion"], 1, torch.Generator().manual_seed(0))[0]  # the prompt's motion
+        rows.append(dict(identity=tw.factor_match(video, factors), dynamics=tw.dynamics(traj),
+                         motion=tw.motion_score(traj, template)))
+        videos.append(video)
+        refs.append(ref[None].expand_as(video))
+        print(f"held-out {c['colour']} {c['pattern']} {c['shape']}: {prompt!r}: " +
+              ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()))
+    metrics = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    common.write_frames(out / "result", videos[0])
+    common.write_video(out / "result.mp4", videos[0], args.fps, upscale=8)
+    common.write_video(out / "result_grid.mp4", common.side_by_side(refs + videos), args.fps, upscale=8)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print("toy metrics (mean over held-out sprites): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# main
+
+ABLATIONS = {"base (no training)": ["--iterations", "0"], "p 0.2": [], "p 0 (image only)": ["--p", "0"],
+             "p 0.4": ["--p", "0.4"], "two-stage": ["--two-stage"], "no random frame": ["--no-random-frame"],
+             "p_drop 0": ["--p-drop", "0"], "t2v motion step": ["--t2v"]}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.ablate:
+        if args.model != "toy":
+            common.fail("--ablate runs the toy world's table: use it with --model toy")
+        return common.run_ablations(main, argv, ABLATIONS, args.seeds, args.out, "dual_task_sdv", "")
+    if args.mode == "sample":
+        if not args.ckpt or not (Path(args.ckpt) / "lora.safetensors").is_file():
+            common.fail(f"sample: --ckpt {args.ckpt!r} holds no lora.safetensors; train first")
+        if not args.image or not Path(args.image).is_file() or not args.prompt:
+            common.fail("sample: --image REF (an image file) and --prompt are needed")
+    if args.mode == "train" and (not args.pairs or not args.videos):
+        common.fail("train: --pairs DIR and --videos DIR are needed (or --model toy)")
+    if args.model != "toy":
+        common.check_pretrained(args.model, "--model")
+    out = Path(args.out)
+    if args.resume and not (out / "ckpt.pt").is_file():
+        common.fail(f"--resume: no checkpoint at {out / 'ckpt.pt'}; run without --resume to start a new training")
+    data = None
+    if args.mode == "train":
+        data = FolderData(args)
+    elif args.mode == "toy":
+        data = ToyData(args.toy_pairs, args.toy_videos, args.seed)
+    device, dtype = common.device_and_dtype()
+    common.seed_everything(args.seed)
+    m = load_models(args, device, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    tr = m["transformer"]
+    if args.grad_ckpt:
+        tr.enable_gradient_checkpointing()
+    if args.mode == "sample":
+        load_lora(tr, m, Path(args.ckpt) / "lora.safetensors")
+        image = common.read_image(args.image, (args.height, args.width))  # resized/cropped to the training size
+        video = generate(m, image, args.prompt, args, args.seed)
+        common.write_frames(out / "result", video)
+        common.write_video(out / "result.mp4", video, args.fps, upscale=8 if args.model == "toy" else 1)
+        print(f"wrote {out / 'result.mp4'} ({args.prompt!r})")
+        return None
+    rank, world = ddp_setup()
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    add_lora(tr, args)
+    print(f"rank {rank}/{world}: " if world > 1 else "", end="")
+    print(f"LoRA: {sum(p.numel() for n, p in tr.named_parameters() if f'.{ADAPTER}.' in n) / 1e6:.2f} M parameters "
+          f"on {len(common.lora_layers(tr))} layers; pairs {len(data.pairs)}, videos {len(data.videos)}; "
+          f"{args.iterations} steps, p {args.p}, p_drop {args.p_drop}")
+    emb = train(m, data, args, out, rank, world)
+    m["text_encoder"].requires_grad_(False)
+    if world > 1:  # a cheap guard: every rank must hold the same weights after training
+        import torch.distributed as dist
+        ours = [p for n, p in tr.named_parameters() if f".{ADAPTER}." in n] + ([emb] if emb is not None else [])
+        mine = torch.cat([p.detach().float().flatten() for p in ours])
+        ref = mine.clone()
+        dist.broadcast(ref, 0)
+        diff = torch.tensor([float((mine - ref).abs().max())])
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            print(f"ranks in sync: max |w - w_rank0| = {float(diff):.3g}")
+    result = None
+    if rank == 0:
+        save_lora(tr, m, args, out / "lora.safetensors")
+        if args.mode == "toy":
+            result = toy_eval(m, args, out)
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
