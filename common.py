@@ -327,6 +327,28 @@ class StepLog:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 
 
+def load_cogvideox(model, sampler, dtype):
+    """CogVideoX (transformer, VAE, T5 and its tokenizer, the DPM or DDIM sampler of the model's scheduler config)
+    from a hub id or local folder, or the toy world's tiny CogVideoX and pixel VAE for model='toy'."""
+    if model == "toy":
+        import toyworld
+        return dict(transformer=toyworld.load_backbone("cogvideox"), vae=toyworld.PixelVAE(),
+                    tokenizer=toyworld.tokenizer("t5"), text_encoder=toyworld.text_encoder("t5"),
+                    scheduler=toyworld.noise_schedule("cogvideox"))
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
+                           CogVideoXTransformer3DModel)
+    from transformers import AutoTokenizer, T5EncoderModel
+    sched = CogVideoXDPMScheduler if sampler == "dpm" else CogVideoXDDIMScheduler
+    m = dict(transformer=CogVideoXTransformer3DModel.from_pretrained(model, subfolder="transformer", torch_dtype=dtype),
+             vae=AutoencoderKLCogVideoX.from_pretrained(model, subfolder="vae", torch_dtype=dtype),
+             tokenizer=AutoTokenizer.from_pretrained(model, subfolder="tokenizer"),
+             text_encoder=T5EncoderModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype),
+             scheduler=sched.from_pretrained(model, subfolder="scheduler"))  # its alphas_cumprod train too
+    m["vae"].enable_slicing()
+    m["vae"].enable_tiling()  # 49 frames at 480x720 in pieces: the same latents up to tile blending
+    return m
+
+
 def cogvideox_rotary(transformer, frames, height, width):
     """CogVideoX 1.0's 3D rotary embedding (cos, sin) for a latent grid of frames x height x width, built as
     CogVideoXPipeline builds it (the transformer expects it as an argument)."""

@@ -256,27 +256,10 @@ class ToyData:
 
 def load_models(args, device, dtype):
     """CogVideoX transformer, VAE, T5 + tokenizer (with <cls> added) and scheduler, or the toy world's pieces."""
-    if args.model == "toy":
-        import toyworld
-        m = dict(transformer=toyworld.load_backbone("cogvideox"), vae=toyworld.PixelVAE(),
-                 tokenizer=toyworld.tokenizer("t5"), text_encoder=toyworld.text_encoder("t5"),
-                 scheduler=toyworld.noise_schedule("cogvideox"))  # the toy tokenizer already knows <cls>
-    else:
-        from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
-                               CogVideoXTransformer3DModel)
-        from transformers import AutoTokenizer, T5EncoderModel
-        sched = CogVideoXDPMScheduler if args.sampler == "dpm" else CogVideoXDDIMScheduler
-        m = dict(transformer=CogVideoXTransformer3DModel.from_pretrained(args.model, subfolder="transformer",
-                                                                         torch_dtype=dtype),
-                 vae=AutoencoderKLCogVideoX.from_pretrained(args.model, subfolder="vae", torch_dtype=dtype),
-                 tokenizer=AutoTokenizer.from_pretrained(args.model, subfolder="tokenizer"),
-                 text_encoder=T5EncoderModel.from_pretrained(args.model, subfolder="text_encoder", torch_dtype=dtype),
-                 scheduler=sched.from_pretrained(args.model, subfolder="scheduler"))
-        m["vae"].enable_slicing()
-        m["vae"].enable_tiling()
-        if CLS not in m["tokenizer"].get_vocab():  # a new word: a new embedding row (trained with the LoRA)
-            m["tokenizer"].add_tokens([CLS])
-            m["text_encoder"].resize_token_embeddings(len(m["tokenizer"]))
+    m = common.load_cogvideox(args.model, args.sampler, dtype)  # the toy tokenizer already knows <cls>
+    if CLS not in m["tokenizer"].get_vocab():  # a new word: a new embedding row (trained with the LoRA)
+        m["tokenizer"].add_tokens([CLS])
+        m["text_encoder"].resize_token_embeddings(len(m["tokenizer"]))
     cfg = m["transformer"].config
     if not cfg.use_rotary_positional_embeddings or cfg.patch_size_t is not None:
         common.fail(f"--model {args.model}: reference tokens need CogVideoX 1.0 with rotary embeddings (the 5B)")

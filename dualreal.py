@@ -150,26 +150,13 @@ def read_inputs(args):
 def load_models(args, device, dtype):
     """CogVideoX (transformer, VAE, T5 and its tokenizer, the sampler of the model's scheduler config) and the CLIP
     image encoder from hub ids / local folders, or the toy world's pieces for --model toy."""
+    m = common.load_cogvideox(args.model, args.sampler, dtype)
     if args.model == "toy":
         import toyworld
-        m = dict(transformer=toyworld.load_backbone("cogvideox"), vae=toyworld.PixelVAE(),
-                 tokenizer=toyworld.tokenizer("t5"), text_encoder=toyworld.text_encoder("t5"),
-                 scheduler=toyworld.noise_schedule("cogvideox"),
-                 image_encoder=toyworld.image_encoder("clip_vision"))  # the tiny frozen stand-in for ViT-H/14
+        m["image_encoder"] = toyworld.image_encoder("clip_vision")  # the tiny frozen stand-in for ViT-H/14
     else:
-        from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
-                               CogVideoXTransformer3DModel)
-        from transformers import AutoTokenizer, CLIPVisionModelWithProjection, T5EncoderModel
-        sched = CogVideoXDPMScheduler if args.sampler == "dpm" else CogVideoXDDIMScheduler
-        m = dict(transformer=CogVideoXTransformer3DModel.from_pretrained(args.model, subfolder="transformer",
-                                                                         torch_dtype=dtype),
-                 vae=AutoencoderKLCogVideoX.from_pretrained(args.model, subfolder="vae", torch_dtype=dtype),
-                 tokenizer=AutoTokenizer.from_pretrained(args.model, subfolder="tokenizer"),
-                 text_encoder=T5EncoderModel.from_pretrained(args.model, subfolder="text_encoder", torch_dtype=dtype),
-                 scheduler=sched.from_pretrained(args.model, subfolder="scheduler"),  # its alphas_cumprod train too
-                 image_encoder=CLIPVisionModelWithProjection.from_pretrained(args.image_encoder, torch_dtype=dtype))
-        m["vae"].enable_slicing()
-        m["vae"].enable_tiling()  # 49 frames at 480x720 in pieces: the same latents up to tile blending
+        from transformers import CLIPVisionModelWithProjection
+        m["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(args.image_encoder, torch_dtype=dtype)
     for k in ("transformer", "vae", "text_encoder", "image_encoder"):
         m[k] = m[k].to(device).eval().requires_grad_(False)
     return m
