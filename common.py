@@ -367,11 +367,14 @@ def slug(name):
     return "_".join("".join(ch if ch.isalnum() else " " for ch in name.lower()).split())
 
 
-def run_ablations(main, argv, variants, seeds, out, method, note=""):
-    """Run a method's main() for every variant x seed under out/ablations/<variant>/seed<k>/, keep each
-    metrics.json under results/<method>/ (committed, so tables can be remade without training) and print one
-    markdown table of mean +- std over seeds."""
+def run_ablations(main, argv, variants, args, method, note=""):
+    """Run a method's main() for every variant x args.seeds under args.out/ablations/<variant>/seed<k>/, keep
+    each metrics.json under results/<method>/ (committed, so tables can be remade without training) and print one
+    markdown table of mean +- std over seeds. The tables are the toy world's (its metrics need its renderer)."""
     import statistics
+    if args.model != "toy":
+        fail("--ablate runs the toy world's table: use it with --model toy")
+    seeds, out = args.seeds, args.out
     rest, rows = [a for a in argv if a != "--ablate"], {}
     for name, flags in variants.items():
         rows[name] = []

@@ -780,9 +780,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.ablate:
-        if args.model != "toy":
-            common.fail("--ablate runs the toy world's table: use it with --model toy")
-        return common.run_ablations(main, argv, ABLATIONS, args.seeds, args.out, "dual_task_sdv", "")
+        return common.run_ablations(main, argv, ABLATIONS, args, "dual_task_sdv", "")
     if args.mode == "sample":
         if not args.ckpt or not (Path(args.ckpt) / "lora.safetensors").is_file():
             common.fail(f"sample: --ckpt {args.ckpt!r} holds no lora.safetensors; train first")

@@ -489,9 +489,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.ablate:
-        if args.model != "toy":
-            common.fail("--ablate runs the toy world's table: use it with --model toy")
-        return common.run_ablations(main, argv, ABLATIONS, args.seeds, args.out, "dualreal", "")
+        return common.run_ablations(main, argv, ABLATIONS, args, "dualreal", "")
     images, videos, prompts, clips = read_inputs(args)
     if args.model != "toy":
         common.check_pretrained(args.model, "--model")
