@@ -368,28 +368,36 @@ def slug(name):
 
 
 def run_ablations(main, argv, variants, args, method, note=""):
-    """Run a method's main() for every variant x args.seeds under args.out/ablations/<variant>/seed<k>/, keep
-    each metrics.json under results/<method>/ (committed, so tables can be remade without training) and print one
-    markdown table of mean +- std over seeds. The tables are the toy world's (its metrics need its renderer)."""
+    """Run a method's main() for every variant under args.out/ablations/<variant>/seed<k>/, keep each
+    metrics.json under results/<method>/ (committed, so tables can be remade without training) and print one
+    markdown table of mean +- std over seeds. The first two variants are the base model and the full method and
+    get args.seeds seeds, the others args.ablation_seeds (CPU time is short). A variant whose flags hold
+    --sample-only changes only sampling: it starts from a copy of the full method's run of the same seed, so it
+    reuses those trained adapters. The tables are the toy world's (its metrics need its renderer)."""
+    import shutil
     import statistics
     if args.model != "toy":
         fail("--ablate runs the toy world's table: use it with --model toy")
-    seeds, out = args.seeds, args.out
+    out, full = Path(args.out), slug(list(variants)[1])
     rest, rows = [a for a in argv if a != "--ablate"], {}
-    for name, flags in variants.items():
+    for i, (name, flags) in enumerate(variants.items()):
         rows[name] = []
-        for seed in range(seeds):
-            run = Path(out) / "ablations" / slug(name) / f"seed{seed}"
+        for seed in range(args.seeds if i < 2 else min(args.ablation_seeds, args.seeds)):
+            run = out / "ablations" / slug(name) / f"seed{seed}"
+            if "--sample-only" in flags:
+                shutil.rmtree(run, ignore_errors=True)
+                shutil.copytree(out / "ablations" / full / f"seed{seed}", run)
             rows[name].append(main(rest + flags + ["--seed", str(seed), "--out", str(run)]))
             kept = Path("results") / method / slug(name) / f"seed{seed}" / "metrics.json"
             kept.parent.mkdir(parents=True, exist_ok=True)
             kept.write_text((run / "metrics.json").read_text())
     keys = list(rows[next(iter(rows))][0])
-    lines = ["| variant | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
+    lines = ["| variant | seeds | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 2)]
     for name, runs in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{statistics.mean(r[k] for r in runs):.3f} +- "
-                                                f"{statistics.pstdev(r[k] for r in runs):.3f}" for k in keys) + " |")
-    table = "\n".join(lines) + f"\n\n{seeds} seeds per row (mean +- std over seeds){note}."
+        cell = (lambda k: f"{statistics.mean(r[k] for r in runs):.3f}" + (
+            f" +- {statistics.pstdev(r[k] for r in runs):.3f}" if len(runs) > 1 else ""))
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cell(k) for k in keys) + " |")
+    table = "\n".join(lines) + f"\n\nmean +- std over seeds{note}."
     (Path(out) / "ablations" / "table.md").write_text(table + "\n")
     print(table)
     return rows

@@ -50,7 +50,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data (train)
     p.add_argument("--pairs", help="folder with pairs.jsonl: one {ref, target, prompt} per line (paths relative)")
-    p.add_argument("--videos", help="folder of video files, each with a sidecar .txt caption")
+    p.add_argument("--videos", help="folder of video files, each captioned by a sidecar .txt or captions.jsonl")
+    p.add_argument("--crop-jitter", type=float, default=0.1, help="identity pairs: each view is cropped from a "
+                   "(1 + this) x larger resize at a random offset (A.2 names the jitter, not its amount)")
     p.add_argument("--max-bad", type=float, default=0.05, help="stop if more than this fraction of records is bad")
     p.add_argument("--height", type=int, default=480, help="training and sampling size (the paper: 480x720)")
     p.add_argument("--width", type=int, default=720)
@@ -101,7 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--toy-pairs", type=int, default=256, help="toy world: subject-image pairs made in memory")
     p.add_argument("--toy-videos", type=int, default=64, help="toy world: unpaired videos made in memory")
     p.add_argument("--ablate", action="store_true", help="toy world: p = 0 / 0.2 / 0.4 and the regulariser ablations")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per variant for --ablate")
+    p.add_argument("--seeds", type=int, default=3, help="seeds for the base model and the full method in --ablate")
+    p.add_argument("--ablation-seeds", type=int, default=1, help="seeds for every other --ablate variant")
     args = p.parse_args(argv)
     args.mode = mode or ("toy" if args.model == "toy" else "train")
     if args.model == "toy":
@@ -158,21 +161,40 @@ def read_pairs(folder, max_bad):
 
 
 def read_videos(folder, max_bad):
-    """[(video path, caption)]: video files of FOLDER with a non-empty sidecar .txt caption."""
+    """[(video path, caption)]: video files of FOLDER, each captioned by a sidecar .txt or, failing that, by a
+    {"video": file name, "caption": text} line of FOLDER/captions.jsonl."""
     folder = Path(folder)
     if not folder.is_dir():
-        common.fail(f"--videos {folder} is not a folder of videos with .txt captions")
+        common.fail(f"--videos {folder} is not a folder of videos with captions (.txt sidecars or captions.jsonl)")
+    index = {}
+    if (folder / "captions.jsonl").is_file():
+        for line in (folder / "captions.jsonl").read_text().splitlines():
+            try:
+                r = json.loads(line)
+                index[str(r["video"])] = str(r["caption"]).strip()
+            except (ValueError, KeyError, TypeError):
+                continue  # a broken line leaves its video uncaptioned, which is then counted as bad below
     files = sorted(q for q in folder.iterdir() if q.suffix.lower() in common.VIDEO_EXTS)
     good, bad = [], []
     for q in files:
         cap = q.with_suffix(".txt")
-        text = cap.read_text().strip() if cap.is_file() else ""
+        text = cap.read_text().strip() if cap.is_file() else index.get(q.name, "")
         if not text:
-            _bad(str(q), "no caption (a non-empty sidecar .txt)", bad)
+            _bad(str(q), "no caption (a non-empty sidecar .txt or a captions.jsonl line)", bad)
             continue
         good.append((q, text))
     _check_bad(bad, len(files), max_bad, "video")
     return good
+
+
+def jitter_crop(image, size, jitter, gen):
+    """Per-view random-crop jitter of the identity stream (supplement A.2; the amount is not given): resize to (1 + jitter) x size, then crop size
+    at a random offset, so the reference and the target are never pixel-aligned copies of one framing."""
+    if jitter <= 0:
+        return common.resize_crop(image, size)
+    big = common.resize_crop(image, (round(size[0] * (1 + jitter)), round(size[1] * (1 + jitter))))
+    dy, dx = (int(torch.randint(b - s + 1, (1,), generator=gen)) for b, s in zip(big.shape[-2:], size))
+    return big[..., dy:dy + size[0], dx:dx + size[1]]
 
 
 class FolderData:
@@ -182,32 +204,40 @@ class FolderData:
     def __init__(self, args):
         self.pairs, self.videos = read_pairs(args.pairs, args.max_bad), read_videos(args.videos, args.max_bad)
         self.size, self.frames, self.max_bad, self.bad = (args.height, args.width), args.frames, args.max_bad, []
+        self.jitter = args.crop_jitter
 
     def _load(self, records, idx, load, gen):
+        import contextlib
+        import io
         out = []
         for i in idx.tolist():
             while True:
-                try:
-                    out.append(load(records[i]))
+                try:  # common's readers end a CLI run on a bad file (SystemExit); here the record is skipped
+                    with contextlib.redirect_stderr(io.StringIO()) as err:
+                        out.append(load(records[i], gen))
                     break
-                except Exception as e:  # unreadable file: one warning, counted, another record instead
-                    _bad(str(records[i][0]), f"unreadable ({type(e).__name__}: {e})", self.bad)
+                except (Exception, SystemExit) as e:
+                    why = err.getvalue().strip().removeprefix("error: ") or f"{type(e).__name__}: {e}"
+                    _bad(str(records[i][0]), f"unreadable ({why})", self.bad)
                     _check_bad(self.bad, len(records), self.max_bad, "training")
                     i = int(torch.randint(len(records), (1,), generator=gen))
         return out
 
-    def _pair(self, r):
+    def _pair(self, r, gen):
         if r[0] == r[1]:  # composite: the left half is the reference, the right half the target
-            both = common.read_image(r[0], (self.size[0], 2 * self.size[1]))
-            return both[..., :self.size[1]], both[..., self.size[1]:], r[2]
-        return common.read_image(r[0], self.size), common.read_image(r[1], self.size), r[2]
+            both = common.read_image(r[0])
+            w = both.shape[-1] // 2
+            ref, target = both[..., :w], both[..., w:2 * w]
+        else:
+            ref, target = common.read_image(r[0]), common.read_image(r[1])
+        return jitter_crop(ref, self.size, self.jitter, gen), jitter_crop(target, self.size, self.jitter, gen), r[2]
 
     def pair_batch(self, idx, gen):
         got = self._load(self.pairs, idx, self._pair, gen)
         return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got]), [g[2] for g in got]
 
     def video_batch(self, idx, gen):
-        got = self._load(self.videos, idx, lambda r: (common.read_video(r[0], self.frames, self.size), r[1]), gen)
+        got = self._load(self.videos, idx, lambda r, g: (common.read_video(r[0], self.frames, self.size), r[1]), gen)
         return torch.stack([g[0] for g in got]), [g[1] for g in got]
 
 

@@ -93,8 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--ablate", action="store_true", help="toy world: run the base model, the full method and every "
-                                                         "ablation over --seeds, and print the table")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per variant for --ablate")
+                                                         "ablation (--seeds, --ablation-seeds), and print the table")
+    p.add_argument("--seeds", type=int, default=3, help="seeds for the base model and the full method in --ablate")
+    p.add_argument("--ablation-seeds", type=int, default=1, help="seeds for every other --ablate variant")
     args = p.parse_args(argv)
     if args.model == "toy":
         common.apply_toy_preset(args, p, TOY)

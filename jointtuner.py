@@ -94,8 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--ablate", action="store_true", help="toy world: run the base model and Table 3's rows "
-                                                         "over --seeds, and print the table")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per variant for --ablate")
+                                                         "(--seeds, --ablation-seeds), and print the table")
+    p.add_argument("--seeds", type=int, default=3, help="seeds for the base model and the full method in --ablate")
+    p.add_argument("--ablation-seeds", type=int, default=1, help="seeds for every other --ablate variant")
     args = p.parse_args(argv)
     if args.model == "toy":
         common.apply_toy_preset(args, p, TOY)
@@ -476,9 +477,9 @@ def plan(args, prompts, images, clips):
 
 # Table 3's rows: CUMULATIVE (sec. 4.3 removes components one after the other); "base" trains nothing (B = 0)
 ABLATIONS = {"base": ["--iterations", "0"],
+             "Noise-Frame (full)": [],
              "Noise-Pixel": ["--offset-noise", "pixel"],
              "Noise-Video": ["--offset-noise", "video"],
-             "Noise-Frame (full)": [],
              "-Offset Noise": ["--offset-noise", "none"],
              "-LoRA Gating": ["--offset-noise", "none", "--no-gate"],
              "-LoRA Union": ["--offset-noise", "none", "--no-gate", "--separate-lora"],

@@ -100,8 +100,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--ablate", action="store_true", help="toy world: run the base model, the full method and every "
-                                                         "ablation over --seeds, and print the table")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per variant for --ablate")
+                                                         "ablation (--seeds, --ablation-seeds), and print the table")
+    p.add_argument("--seeds", type=int, default=3, help="seeds for the base model and the full method in --ablate")
+    p.add_argument("--ablation-seeds", type=int, default=1, help="seeds for every other --ablate variant")
     args = p.parse_args(argv)
     if args.model == "toy":
         common.apply_toy_preset(args, p, TOY)
@@ -461,12 +462,16 @@ def plan(args, prompts, images, videos):
     print("\n".join(lines))
 
 
-# the paper's ablations as extra flags; "base" trains nothing (zero LoRAs = the pretrained backbone)
+# the paper's ablations as extra flags; "base" trains nothing (zero LoRAs = the pretrained backbone). The injection
+# and schedule ablations change only sampling, so (--sample-only) they reuse the full method's LoRAs of the same seed,
+# as the paper's injection and T_point experiments vary inference on one pair of trained LoRAs.
 ABLATIONS = {"base": ["--subject-steps", "0", "--motion-steps", "0"], "full": [], "no SuRA": ["--no-sura"],
-             "no MoRA": ["--no-mora"], "no mask": ["--no-mask"], "inject all (Comb. 1)": ["--inject", "all"],
-             "subject w/o FFN.0 (Comb. 2)": ["--subject-drop-ffn0"], "motion w/o FFN.0 (Comb. 3)": ["--motion-drop-ffn0"],
-             "T_point 0": ["--t-point", "0"], "T_point 0.8": ["--t-point", "0.8"],
-             "subject scale 1 throughout": ["--subject-early-scale", "1.0"]}
+             "no MoRA": ["--no-mora"], "no mask": ["--no-mask"],
+             "inject all (Comb. 1)": ["--sample-only", "--inject", "all"],
+             "subject w/o FFN.0 (Comb. 2)": ["--sample-only", "--subject-drop-ffn0"],
+             "motion w/o FFN.0 (Comb. 3)": ["--sample-only", "--motion-drop-ffn0"],
+             "T_point 0": ["--sample-only", "--t-point", "0"], "T_point 0.8": ["--sample-only", "--t-point", "0.8"],
+             "subject scale 1 throughout": ["--sample-only", "--subject-early-scale", "1.0"]}
 
 
 def main(argv=None):

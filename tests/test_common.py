@@ -1,4 +1,6 @@
+import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +137,34 @@ def test_step_log_writes_jsonl(tmp_path, capsys):
         log(step, loss=1.0 / step)
     lines = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [2, 4] and "step 4: loss 0.25" in capsys.readouterr().out
+
+
+def test_run_ablations_seeds_and_sample_only_reuse(tmp_path, monkeypatch):
+    """Base and full get --seeds seeds, the rest --ablation-seeds; a --sample-only variant starts from a copy of
+    the full run of its seed (the fake main below fails if the trained file is missing)."""
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_main(argv):
+        out, seed = Path(argv[argv.index("--out") + 1]), int(argv[argv.index("--seed") + 1])
+        if "--sample-only" in argv:
+            assert (out / "trained.txt").read_text() == f"full {seed}"   # the full run's adapters, same seed
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "trained.txt").write_text(f"{'full' if '--x' not in argv else 'x'} {seed}")
+        calls.append((argv, seed))
+        metrics = dict(identity=float(seed), motion=1.0)
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    args = argparse.Namespace(model="toy", seeds=3, ablation_seeds=1, out=str(tmp_path / "o"))
+    variants = {"base": ["--x"], "full": [], "later": ["--sample-only", "--late"], "other": ["--x", "--y"]}
+    rows = common.run_ablations(fake_main, ["--model", "toy", "--ablate"], variants, args, "m")
+    assert [len(rows[k]) for k in variants] == [3, 3, 1, 1]
+    assert all("--ablate" not in a for a, _ in calls)
+    assert (tmp_path / "results" / "m" / "later" / "seed0" / "metrics.json").is_file()
+    table = (tmp_path / "o" / "ablations" / "table.md").read_text()
+    assert "| full | 3 | 1.000 +- 0.816 | 1.000 +- 0.000 |" in table and "| later | 1 | 0.000 | 1.000 |" in table
+    with pytest.raises(SystemExit):
+        common.run_ablations(fake_main, [], variants, argparse.Namespace(model="x", seeds=1, ablation_seeds=1,
+                                                                         out="o"), "m")

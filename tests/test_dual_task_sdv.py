@@ -159,6 +159,32 @@ def test_bad_records_are_skipped_with_a_warning_and_too_many_stop(tmp_path, caps
     with pytest.raises(SystemExit):  # 2 of 3 without a caption
         dts.read_videos(vids, max_bad=0.5)
     assert len(dts.read_videos(vids, max_bad=0.7)) == 1
+    (vids / "captions.jsonl").write_text(json.dumps(dict(video="1.mp4", caption="a cat")) + "\nbroken\n")
+    assert [c for _, c in dts.read_videos(vids, max_bad=0.5)] == ["a dog running", "a cat"]
+
+
+def test_unreadable_training_file_is_skipped_not_fatal_and_jitter_crops(tmp_path, capsys):
+    from PIL import Image
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    (tmp_path / "pairs.jsonl").write_text(
+        "\n".join(json.dumps(dict(ref=r, target="a.png", prompt="a <cls>")) for r in ["a.png", "b.png"]) + "\n")
+    vids = tmp_path / "v"
+    common.write_video(vids / "0.gif", tw.render(tw.random_concepts(1, torch.Generator().manual_seed(0)))[0], 4)
+    (vids / "0.txt").write_text("a dog")
+    data = dts.FolderData(argparse.Namespace(pairs=tmp_path, videos=vids, height=32, width=32, frames=9,
+                                             max_bad=0.5, crop_jitter=0.0))
+    ref, target, _ = data.pair_batch(torch.tensor([1, 0]), torch.Generator().manual_seed(0))  # b.png is bad
+    assert ref.shape == (2, 3, 32, 32) and torch.allclose(ref[0], ref[1])
+    err = capsys.readouterr().err
+    assert err.count("warning: skipping") == 1 and "b.png" in err and "unreadable (cannot read image" in err
+    assert "error:" not in err
+    with pytest.raises(SystemExit):  # a second bad read passes --max-bad 0.5 of 2 records
+        data.pair_batch(torch.tensor([1]), torch.Generator().manual_seed(0))
+    ramp = torch.linspace(-1, 1, 64).expand(3, 64, 64)
+    crops = {tuple(dts.jitter_crop(ramp, (32, 32), 0.25, torch.Generator().manual_seed(k))[0, 0, :2].tolist())
+             for k in range(8)}
+    assert len(crops) > 1 and dts.jitter_crop(ramp, (32, 32), 0.25, torch.Generator()).shape == (3, 32, 32)
 
 
 def test_toy_run_trains_saves_and_samples_and_sample_mode_reloads(tmp_path):
@@ -257,7 +283,8 @@ def test_train_mode_on_folders_with_the_toy_backbone(tmp_path, capsys):
     for i, v in enumerate(clips):
         common.write_video(vids / f"v{i}.gif", v, 4)
         (vids / f"v{i}.txt").write_text(dts.toy_prompt(c[i]))
-    data = dts.FolderData(argparse.Namespace(pairs=pairs, videos=vids, height=32, width=32, frames=9, max_bad=0.0))
+    data = dts.FolderData(argparse.Namespace(pairs=pairs, videos=vids, height=32, width=32, frames=9, max_bad=0.0,
+                                                crop_jitter=0.0))
     ref, target, _ = data.pair_batch(torch.tensor([3]), None)
     assert torch.allclose(ref[0], imgs[0], atol=1e-2) and torch.allclose(target[0], imgs[1], atol=1e-2)
     out = tmp_path / "run"

@@ -353,7 +353,7 @@ def test_the_real_loading_path_at_tiny_size(tmp_path):
 
 
 def test_every_ablation_row_is_a_valid_cumulative_flag_set():
-    assert list(jt.ABLATIONS) == ["base", "Noise-Pixel", "Noise-Video", "Noise-Frame (full)", "-Offset Noise",
+    assert list(jt.ABLATIONS) == ["base", "Noise-Frame (full)", "Noise-Pixel", "Noise-Video", "-Offset Noise",
                                   "-LoRA Gating", "-LoRA Union", "-Joint Training"]
     base = vars(jt.parse_args(["--model", "toy"]))
     rows = {name: vars(jt.parse_args(["--model", "toy"] + flags)) for name, flags in jt.ABLATIONS.items()}
