@@ -575,23 +575,27 @@ def grad_probe(m, params, probe, args, world):
                 norm_vid=float(g["video"].norm()))
 
 
-def plot_grad_log(path, png):
-    """Fig. 5: the gradient cosine over steps (and the norms), if matplotlib is installed."""
+def plot_grad_log(logs, png):
+    """Fig. 5: the gradient cosine over steps (and the norms) of one or more runs {label: grad_log.jsonl}, if
+    matplotlib is installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3))
-    ax[0].plot([r["step"] for r in rows], [r["cos"] for r in rows])
+    for label, path in logs.items():
+        rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
+        steps = [r["step"] for r in rows]
+        ax[0].plot(steps, [r["cos"] for r in rows], label=label)
+        for k, style in (("norm_img", "-"), ("norm_vid", "--")):
+            ax[1].plot(steps, [r[k] for r in rows], style, label=f"{k} {label}".strip())
     ax[0].axhline(0, color="gray", lw=0.5)
     ax[0].set(xlabel="step", ylabel="cos(g_img, g_vid)")
-    for k in ("norm_img", "norm_vid"):
-        ax[1].plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
     ax[1].set(xlabel="step", ylabel="gradient norm")
-    ax[1].legend()
+    for a in ax:
+        a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
@@ -663,7 +667,7 @@ def train(m, data, args, out, rank=0, world=1):
         if (step + 1) % args.save_every == 0 and step + 1 < args.iterations:
             save_state(out, tr, emb, step + 1, opt, sched, gen, tasks, rank, world)
     if probe is not None and rank == 0 and (out / "grad_log.jsonl").is_file():
-        plot_grad_log(out / "grad_log.jsonl", out / "grad_log.png")
+        plot_grad_log({"": out / "grad_log.jsonl"}, out / "grad_log.png")
     tr.eval()
     return emb
 
@@ -810,7 +814,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.ablate:
-        return common.run_ablations(main, argv, ABLATIONS, args, "dual_task_sdv", "")
+        rows = common.run_ablations(main, argv, ABLATIONS, args, "dual_task_sdv", "")
+        logs = {name: Path(args.out) / "ablations" / common.slug(name) / "seed0" / "grad_log.jsonl"
+                for name in ("p 0 (image only)", "p 0.2")}
+        if args.grad_every:  # Fig. 5 in the toy world: the two runs' gradient cosines on one plot, kept with results/
+            plot_grad_log(logs, Path("results") / "dual_task_sdv" / "grad_cosine.png")
+        return rows
     if args.mode == "sample":
         if not args.ckpt or not (Path(args.ckpt) / "lora.safetensors").is_file():
             common.fail(f"sample: --ckpt {args.ckpt!r} holds no lora.safetensors; train first")

@@ -291,3 +291,16 @@ def test_train_mode_on_folders_with_the_toy_backbone(tmp_path, capsys):
     dts.main(["train", "--model", "toy", "--pairs", str(pairs), "--videos", str(vids), "--iterations", "3",
               "--warmup", "0", "--p", "0.5", "--out", str(out), "--pair-batch", "2", "--video-batch", "2"])
     assert (out / "lora.safetensors").is_file() and not (out / "metrics.json").exists()
+
+
+def test_ablate_runs_every_variant_and_plots_the_two_gradient_cosines(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                                   # results/ and out/ land here, not in the repo
+    assert {"p 0.2", "p 0 (image only)", "p 0.4"} <= set(dts.ABLATIONS) and dts.ABLATIONS["p 0.2"] == []
+    rows = dts.main(FAST + ["--ablate", "--seeds", "1", "--grad-every", "2"])
+    assert list(rows) == list(dts.ABLATIONS) and all(set(r[0]) >= {"identity", "dynamics"} for r in rows.values())
+    for name in dts.ABLATIONS:
+        assert (tmp_path / "results" / "dual_task_sdv" / common.slug(name) / "seed0" / "metrics.json").is_file()
+    run = tmp_path / "out/dual_task_sdv/ablations" / common.slug("p 0 (image only)") / "seed0"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["p"] == 0.0
+    assert (tmp_path / "results" / "dual_task_sdv" / "grad_cosine.png").stat().st_size > 1000
