@@ -188,8 +188,8 @@ def read_videos(folder, max_bad):
 
 
 def jitter_crop(image, size, jitter, gen):
-    """Per-view random-crop jitter of the identity stream (supplement A.2; the amount is not given): resize to (1 + jitter) x size, then crop size
-    at a random offset, so the reference and the target are never pixel-aligned copies of one framing."""
+    """Per-view random-crop jitter of the identity stream (supplement A.2; the amount is not given): resize to
+    (1 + jitter) x size, then crop `size` at a random offset, so reference and target are never one framing."""
     if jitter <= 0:
         return common.resize_crop(image, size)
     big = common.resize_crop(image, (round(size[0] * (1 + jitter)), round(size[1] * (1 + jitter))))

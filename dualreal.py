@@ -165,7 +165,8 @@ def load_models(args, device, dtype):
 
 @torch.no_grad()
 def image_embeds(encoder, images):
-    """CLIP image embeddings (N, D) of images (N, 3, H, W) in [-1, 1]: resized to the encoder's size, CLIP-normalised."""
+    """CLIP image embeddings (N, D) of images (N, 3, H, W) in [-1, 1], resized to the encoder's size and
+    CLIP-normalised."""
     size = encoder.config.image_size
     x = F.interpolate((images.float() + 1) / 2, size=(size, size), mode="bicubic", align_corners=False)
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=x.device).view(1, 3, 1, 1)
