@@ -185,7 +185,8 @@ def write_result(out, video, images, motion, prompt, fps, toy=False):
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts, max_length, zero_pad=False, cache=None):
     """Embeddings (N, L, D) of the prompts, in order. zero_pad=True zeroes the padded positions (what WanPipeline
-    does); CogVideoX and ZeroScope use the encoder's raw outputs at pad positions. `cache` is a dict reused across calls."""
+    does); CogVideoX and ZeroScope use the encoder's raw outputs at pad positions. `cache`: a dict reused across
+    calls."""
     cache = {} if cache is None else cache
     todo = [p for p in dict.fromkeys(prompts) if p not in cache]
     if todo:
