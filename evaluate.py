@@ -6,7 +6,7 @@ ids or local folders given by flags (checked before anything loads; nothing is d
     python evaluate.py out/run/result --prompt "a sks dog dancing" --subject my_dog/ --motion dance.mp4 \\
         --raft-weights raft_large_C_T_SKHT_V2-ff5fadd5.pth --json out/run/metrics.json
     python evaluate.py out/smrabooth/result --toy --json out/smrabooth/toy_metrics.json   # the toy world's metrics
-    python evaluate.py --table out/*/metrics.json                                         # markdown table
+    python evaluate.py --table results/*/full/seed*/metrics.json   # markdown table; seed folders are averaged
 
 Metrics, formulas as in the reference code (DreamBooth, VBench, diffusion-motion-transfer = DMT, PickScore):
 clip_t, clip_i, dino_i, temporal_consistency, subject_consistency (VBench), motion_fidelity (DMT), dynamic_degree
@@ -23,6 +23,7 @@ Composites of --table, over the columns shown (a row without a value leaves that
 import argparse
 import functools
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -405,8 +406,10 @@ def composites(rows, columns):
 
 def read_metrics(paths):
     """Rows {name: {metric: value}} and their info dicts from metrics.json files (flat name -> number, as the
-    methods write them; other fields are skipped). A row is named by the "name" field, else the json's folder."""
-    rows, infos = {}, {}
+    methods write them; other fields are skipped). A row is named by the "name" field, else the json's folder;
+    files in folders seed0, seed1, ... of one run (what --ablate writes) become one row, the mean over the seeds,
+    named "<method>/<variant> (n seeds)"."""
+    groups, infos = {}, {}
     for p in paths:
         try:
             d = json.loads(Path(p).read_text())
@@ -416,9 +419,17 @@ def read_metrics(paths):
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_METRICS}
         if not flat:
             common.fail(f"{p} holds no metric (a flat dict of name -> number is expected)")
-        name = d.get("name") or Path(p).resolve().parent.name
-        name = str(Path(p).parent) if name in rows else name
-        rows[name], infos[name] = flat, d.get("info", {})
+        folder = Path(p).resolve().parent
+        seeded = re.fullmatch(r"seed\d+", folder.name) is not None
+        name = d.get("name") or (f"{folder.parent.parent.name}/{folder.parent.name}" if seeded else folder.name)
+        name = str(Path(p).parent) if name in groups and not seeded else name
+        groups.setdefault(name, []).append(flat)
+        infos[name] = d.get("info", {})
+    rows = {}
+    for name, runs in groups.items():
+        label = f"{name} ({len(runs)} seeds)" if len(runs) > 1 else name
+        rows[label] = {k: statistics.mean(r[k] for r in runs) for k in runs[0] if all(k in r for r in runs)}
+        infos[label] = infos.pop(name)
     return rows, infos
 
 

@@ -286,3 +286,16 @@ def test_cli_every_metric_with_tiny_models(tiny, tmp_path):
     assert m["temporal_consistency"] <= 100 and m["dynamic_degree"] == 1.0   # the zigzag hops 5 px at 32 px
     assert m["info"]["motion_tracker"] == "integrated optical flow: toyworld.toy_flow"
     assert m["info"]["clip_scale"] == 100
+
+
+def test_table_averages_the_seeds_of_an_ablation_run(tmp_path):
+    paths = []
+    for method, variant, seed, ident in [("smrabooth", "full", 0, 0.5), ("smrabooth", "full", 1, 1.0),
+                                         ("dualreal", "full", 0, 0.25)]:
+        p = tmp_path / "results" / method / variant / f"seed{seed}" / "metrics.json"
+        p.parent.mkdir(parents=True)
+        p.write_text(json.dumps(dict(identity=ident, motion=0.5)))
+        paths.append(p)
+    rows, _ = ev.read_metrics(paths)
+    assert rows == {"smrabooth/full (2 seeds)": dict(identity=0.75, motion=0.5),
+                    "dualreal/full": dict(identity=0.25, motion=0.5)}
