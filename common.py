@@ -4,6 +4,7 @@ Device and dtype, seeding, clear input errors, image/video I/O (imageio) and res
 encoding with a cache, the noise/target arithmetic of the three prediction types, peft LoRA helpers, atomic
 checkpoints, a NaN guard, the log line, and sample writing (mp4, gif, lossless PNG frames, side-by-side grid).
 """
+import argparse
 import json
 import os
 import random
@@ -39,12 +40,17 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def apply_toy_preset(args, parser, preset):
-    """--model toy: the toy world's sizes and steps on top of the paper defaults (what the user set stays), and
-    the bundled toy subject and motion when none is given."""
+def apply_toy_preset(args, parser, argv, preset):
+    """--model toy: the toy world's sizes and steps on top of the paper defaults (a flag given in argv stays, even
+    when its value is the paper default), and the bundled toy subject and motion when none is given."""
+    import copy
     import toyworld
+    probe = copy.deepcopy(parser)  # the same parser with no defaults parses argv to exactly the flags given
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(probe.parse_args(argv))
     for k, v in preset.items():
-        if getattr(args, k) == parser.get_default(k):
+        if k not in given:
             setattr(args, k, v)
     args.subject = args.subject or str(toyworld.ASSETS / "toy" / "subject")
     args.motion = args.motion or str(toyworld.ASSETS / "toy" / "motion")

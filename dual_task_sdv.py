@@ -109,7 +109,7 @@ def parse_args(argv=None):
     args.mode = mode or ("toy" if args.model == "toy" else "train")
     if args.model == "toy":
         args.subject = args.motion = None  # apply_toy_preset fills the bundled subject/motion (unused here)
-        common.apply_toy_preset(args, p, TOY)
+        common.apply_toy_preset(args, p, argv, TOY)
     return args
 
 

@@ -99,7 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--ablation-seeds", type=int, default=1, help="seeds for every other --ablate variant")
     args = p.parse_args(argv)
     if args.model == "toy":
-        common.apply_toy_preset(args, p, TOY)
+        common.apply_toy_preset(args, p, argv, TOY)
     return args
 
 

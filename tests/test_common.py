@@ -168,3 +168,16 @@ def test_run_ablations_seeds_and_sample_only_reuse(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         common.run_ablations(fake_main, [], variants, argparse.Namespace(model="x", seeds=1, ablation_seeds=1,
                                                                          out="o"), "m")
+
+
+def test_toy_preset_keeps_every_flag_given_even_at_its_default():
+    p = argparse.ArgumentParser()
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--subject")
+    p.add_argument("--motion")
+    for argv, want in [([], (1e-3, 20)), (["--lr", "1e-4"], (1e-4, 20)), (["--steps", "7"], (1e-3, 7))]:
+        args = p.parse_args(argv)
+        common.apply_toy_preset(args, p, argv, dict(lr=1e-3, steps=20))
+        assert (args.lr, args.steps) == want, argv
+        assert args.subject.endswith("subject") and args.motion.endswith("motion")
