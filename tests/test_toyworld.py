@@ -166,7 +166,6 @@ def test_missing_backbone_is_a_warning_or_a_clear_error(tmp_path, capsys):
     assert e.value.code == 2
 
 
-
 def test_noise_is_not_a_sprite():
     """A frame of coloured noise (what a broken adapter draws) fits no sprite template: it scores as no sprite,
     not as the dotted subject (noise looks dotted to the pattern matcher)."""
