@@ -378,7 +378,7 @@ def run_ablations(main, argv, variants, args, method, note=""):
     """Run a method's main() for every variant under args.out/ablations/<variant>/seed<k>/, keep each
     metrics.json under results/<method>/ (committed, so tables can be remade without training) and print one
     markdown table of mean +- std over seeds. The first two variants are the base model and the full method and
-    get args.seeds seeds, the others args.ablation_seeds (CPU time is short). A variant whose flags hold
+    get args.seeds seeds, the others args.ablation_seeds (CPU time is short; 0 leaves them out). A variant whose flags hold
     --sample-only changes only sampling: it starts from a copy of the full method's run of the same seed, so it
     reuses those trained adapters. The tables are the toy world's (its metrics need its renderer)."""
     import shutil
@@ -388,8 +388,10 @@ def run_ablations(main, argv, variants, args, method, note=""):
     out, full = Path(args.out), slug(list(variants)[1])
     rest, rows = [a for a in argv if a != "--ablate"], {}
     for i, (name, flags) in enumerate(variants.items()):
-        rows[name] = []
-        for seed in range(args.seeds if i < 2 else min(args.ablation_seeds, args.seeds)):
+        n = args.seeds if i < 2 else min(args.ablation_seeds, args.seeds)
+        if n:  # --ablation-seeds 0: only the base model and the full method
+            rows[name] = []
+        for seed in range(n):
             run = out / "ablations" / slug(name) / f"seed{seed}"
             if "--sample-only" in flags:
                 shutil.rmtree(run, ignore_errors=True)

@@ -165,6 +165,8 @@ def test_run_ablations_seeds_and_sample_only_reuse(tmp_path, monkeypatch):
     assert (tmp_path / "results" / "m" / "later" / "seed0" / "metrics.json").is_file()
     table = (tmp_path / "o" / "ablations" / "table.md").read_text()
     assert "| full | 3 | 1.000 +- 0.816 | 1.000 +- 0.000 |" in table and "| later | 1 | 0.000 | 1.000 |" in table
+    args.seeds, args.ablation_seeds = 1, 0
+    assert list(common.run_ablations(fake_main, ["--model", "toy"], variants, args, "m")) == ["base", "full"]
     with pytest.raises(SystemExit):
         common.run_ablations(fake_main, [], variants, argparse.Namespace(model="x", seeds=1, ablation_seeds=1,
                                                                          out="o"), "m")
