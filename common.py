@@ -378,9 +378,9 @@ def run_ablations(main, argv, variants, args, method, note=""):
     """Run a method's main() for every variant under args.out/ablations/<variant>/seed<k>/, keep each
     metrics.json under results/<method>/ (committed, so tables can be remade without training) and print one
     markdown table of mean +- std over seeds. The first two variants are the base model and the full method and
-    get args.seeds seeds, the others args.ablation_seeds (CPU time is short; 0 leaves them out). A variant whose flags hold
-    --sample-only changes only sampling: it starts from a copy of the full method's run of the same seed, so it
-    reuses those trained adapters. The tables are the toy world's (its metrics need its renderer)."""
+    get args.seeds seeds, the others args.ablation_seeds (CPU time is short; 0 leaves them out). A variant whose
+    flags hold --sample-only changes only sampling: it starts from a copy of the full method's run of the same
+    seed, so it reuses those trained adapters. The tables are the toy world's (its metrics need its renderer)."""
     import shutil
     import statistics
     if args.model != "toy":

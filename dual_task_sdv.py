@@ -104,7 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--toy-videos", type=int, default=64, help="toy world: unpaired videos made in memory")
     p.add_argument("--ablate", action="store_true", help="toy world: p = 0 / 0.2 / 0.4 and the regulariser ablations")
     p.add_argument("--seeds", type=int, default=3, help="seeds for the base model and the full method in --ablate")
-    p.add_argument("--ablation-seeds", type=int, default=1, help="seeds for every other --ablate variant (0: base and full only)")
+    p.add_argument("--ablation-seeds", type=int, default=1,
+                   help="seeds for every other --ablate variant (0: base and full only)")
     args = p.parse_args(argv)
     args.mode = mode or ("toy" if args.model == "toy" else "train")
     if args.model == "toy":

@@ -95,7 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--ablate", action="store_true", help="toy world: run the base model, the full method and every "
                                                          "ablation (--seeds, --ablation-seeds), and print the table")
     p.add_argument("--seeds", type=int, default=3, help="seeds for the base model and the full method in --ablate")
-    p.add_argument("--ablation-seeds", type=int, default=1, help="seeds for every other --ablate variant (0: base and full only)")
+    p.add_argument("--ablation-seeds", type=int, default=1,
+                   help="seeds for every other --ablate variant (0: base and full only)")
     args = p.parse_args(argv)
     if args.model == "toy":
         common.apply_toy_preset(args, p, argv, TOY)
