@@ -177,3 +177,23 @@ def test_noise_is_not_a_sprite():
     assert tw.recognise(noisy.clamp(-1, 1)) == [None] * 9
     images, _ = tw.subject_images()
     assert tw.evaluate(noisy.clamp(-1, 1), list(images), tw.motion_clip())["identity"] == 0.0
+
+
+# unet3d is shipped part-way: after ~80k samples it draws no sprite yet. strict: once it passes, this mark must go.
+UNDERTRAINED = pytest.mark.xfail(strict=True, reason="toy unet3d not pretrained far enough yet (README: Status)")
+
+
+@pytest.mark.parametrize("family", [f if f != "unet3d" else pytest.param(f, marks=UNDERTRAINED) for f in tw.FAMILIES])
+def test_shipped_backbone_loads_and_follows_prompts_loosely(family, tmp_path):
+    """The committed checkpoint loads (config and pretraining record in its metadata) and, on 8 held-out prompts
+    sampled in 8 steps, draws the asked-for background and mostly the asked-for colour; prompted with the nearest
+    familiar words it does not already draw the novel subject (the methods must have something to learn)."""
+    from safetensors import safe_open
+    with safe_open(str(tw.backbone_path(family)), "pt") as f:
+        meta = f.metadata()
+    assert meta["family"] == family and int(meta["steps"]) > 0 and int(meta["samples_seen"]) > 0
+    assert tw.backbone_path(family).stat().st_size < 10e6
+    r = tw.main(["eval-base", "--family", family, "--n", "8", "--n-novel", "4", "--steps", "8", "--batch", "12",
+                 "--json", str(tmp_path / "r.json")])
+    assert r["background"] >= 0.75 and r["colour"] >= 0.5, r
+    assert r["novel_identity"] < 0.67, r  # at most the colour of the yellow dotted star, not its shape and pattern
