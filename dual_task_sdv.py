@@ -818,7 +818,8 @@ def main(argv=None):
         rows = common.run_ablations(main, argv, ABLATIONS, args, "dual_task_sdv", "")
         logs = {name: Path(args.out) / "ablations" / common.slug(name) / "seed0" / "grad_log.jsonl"
                 for name in ("p 0 (image only)", "p 0.2")}
-        if args.grad_every:  # Fig. 5 in the toy world: the two runs' gradient cosines on one plot, kept with results/
+        logs = {name: path for name, path in logs.items() if path.is_file()}  # p 0 is skipped by --ablation-seeds 0
+        if logs:  # Fig. 5 in the toy world: the two runs' gradient cosines on one plot, kept with results/
             plot_grad_log(logs, Path("results") / "dual_task_sdv" / "grad_cosine.png")
         return rows
     if args.mode == "sample":
