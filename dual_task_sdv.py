@@ -20,6 +20,8 @@ Sources: ../shared/specs/dual_task_sdv.md (the official inference code's behavio
 (../shared/seeds/001: sections 3-5, supplement A (LoRA, optimiser), B (gradient analysis), D).
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -208,8 +210,6 @@ class FolderData:
         self.jitter = args.crop_jitter
 
     def _load(self, records, idx, load, gen):
-        import contextlib
-        import io
         out = []
         for i in idx.tolist():
             while True:
