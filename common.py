@@ -167,20 +167,22 @@ def side_by_side(videos):
     return torch.cat(out, dim=-1)
 
 
-def write_result(out, video, images, motion, prompt, fps, toy=False):
-    """A method's result: lossless frames, result.mp4, result_grid.mp4 (subject | motion | result) and, in the toy
-    world, metrics.json (returned)."""
+def write_result(out, videos, images, motion, prompt, fps, toy=False):
+    """A method's result from videos (N, F, 3, H, W), N samples of one prompt: lossless frames and result.mp4 of the
+    first, result_grid.mp4 (subject | motion | every sample) and, in the toy world, metrics.json with the mean over
+    the N samples (returned)."""
     up = 8 if toy else 1  # 32x32 toy clips are too small to look at
-    write_frames(out / "result", video)
-    write_video(out / "result.mp4", video, fps, upscale=up)
-    write_video(out / "result_grid.mp4", side_by_side([images[:1], motion, video]), fps, upscale=up)
-    print(f"wrote {out / 'result.mp4'} and {out / 'result_grid.mp4'} ({prompt!r})")
+    write_frames(out / "result", videos[0])
+    write_video(out / "result.mp4", videos[0], fps, upscale=up)
+    write_video(out / "result_grid.mp4", side_by_side([images[:1], motion, *videos]), fps, upscale=up)
+    print(f"wrote {out / 'result.mp4'} and {out / 'result_grid.mp4'} ({prompt!r}, {len(videos)} sample(s))")
     if not toy:
         return None
     import toyworld
-    metrics = toyworld.evaluate(video, list(images), motion)
+    each = [toyworld.evaluate(v, list(images), motion) for v in videos]
+    metrics = {k: sum(e[k] for e in each) / len(each) for k in each[0]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print("toy metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    print(f"toy metrics (mean of {len(each)} samples): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return metrics
 
 

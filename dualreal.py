@@ -81,6 +81,8 @@ def parse_args(argv=None):
                                                                             "for the 5B) or CogVideoXDDIMScheduler")
     p.add_argument("--fps", type=int, default=8, help="of the written videos (CogVideoX: 49 frames at 8 fps)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1, help="videos sampled from different noise, batched "
+                                                                "(toy metrics: their mean)")
     # ablations (supplement Fig. 4)
     p.add_argument("--no-dual-aware", action="store_true", help="no gradient masking: both kinds learn every step")
     p.add_argument("--no-controller", action="store_true", help="'direct fusion': fixed alpha = beta = s/2")
@@ -107,7 +109,8 @@ def parse_args(argv=None):
 # CogVideoX (4 blocks, so 4 groups), its DDIM sampler, fewer sampling steps; max_text_len = toyworld.MAX_TOKENS.
 # Training keeps the paper's 1000 steps, warm-up and batches (motion 3, identity 1): ~65 ms a step on one core of a
 # loaded 2-core machine, the whole run (train + sample) ~75 s
-TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, steps=20, cfg=4.0, sampler="ddim")
+TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, steps=20, cfg=4.0, sampler="ddim",
+           num_samples=4)
 
 
 # -----------------------------------------------------------------------------
@@ -383,6 +386,7 @@ def sample(transformer, scheduler, text, uncond, latents, steps, cfg):
     from diffusers import CogVideoXDPMScheduler
     scheduler.set_timesteps(steps, device=latents.device)
     z, n, old_x0 = latents * scheduler.init_noise_sigma, latents.shape[0], None
+    text = text.expand(n, -1, -1)
     cond = torch.cat([uncond.expand_as(text), text])
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
@@ -540,9 +544,10 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     t_lat = (args.frames - 1) // m["vae"].config.temporal_compression_ratio + 1  # CogVideoX's VAE: 49 -> 13
     s = 2 ** (len(m["vae"].config.block_out_channels) - 1)                       # as the pipeline: 8 (toy: 4)
-    noise = torch.randn(1, t_lat, transformer.config.in_channels, args.height // s, args.width // s, generator=gen)
+    noise = torch.randn(args.num_samples, t_lat, transformer.config.in_channels, args.height // s, args.width // s,
+                        generator=gen)
     z = sample(transformer, m["scheduler"], text["sample"], text["negative"], noise.to(device), args.steps, args.cfg)
-    video = decode_video(m["vae"], z)[0].cpu()
+    video = torch.cat([decode_video(m["vae"], zi[None]) for zi in z]).cpu()  # one at a time: a real decode is large
     return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps, toy=args.model == "toy")
 
 

@@ -78,6 +78,8 @@ def parse_args(argv=None):
                                                            "does not say; TextToVideoSDPipeline's default is 7.5)")
     p.add_argument("--fps", type=int, default=8, help="of the written videos (sec. 4.1: 16 frames at 8 fps)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1, help="videos sampled from different noise, batched "
+                                                                "(toy metrics: their mean)")
     # ablations (Table 3)
     p.add_argument("--offset-noise", choices=["frame", "pixel", "video", "none"], default="frame",
                    help="eps' of L_AiT: frame (1,H,W,1), pixel (F,1,1,C), video (F,H,W,C), none (plain eq. 4)")
@@ -107,7 +109,7 @@ def parse_args(argv=None):
 # the toy world: 9 frames of 32x32 in its pixel latent space, its pretrained tiny UNet3D, fewer sampling steps,
 # a larger batch and lr; 800 iterations (400 image + 400 video) take ~0.2 s each on one CPU core
 TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, lr=1e-3, batch=4, iterations=800, steps=20,
-           cfg=4.0)
+           cfg=4.0, num_samples=4)
 
 
 # -----------------------------------------------------------------------------
@@ -379,6 +381,7 @@ def sample(unet, scheduler, text, uncond, latents, steps, cfg):
     are no hand-set adapter scales (the gate is the scale)."""
     scheduler.set_timesteps(steps, device=latents.device)
     z, n = latents * scheduler.init_noise_sigma, latents.shape[0]
+    text = text.expand(n, -1, -1)
     cond = torch.cat([uncond.expand_as(text), text])
     for t in scheduler.timesteps:
         u, c = eps_pred(unet, scheduler.scale_model_input(torch.cat([z, z]), t), t, cond).chunk(2)
@@ -533,9 +536,10 @@ def main(argv=None):
     # sample: DDIM with guidance, a fixed seed
     gen = torch.Generator().manual_seed(args.seed)
     s = 2 ** (len(m["vae"].config.block_out_channels) - 1)
-    noise = torch.randn(1, unet.config.in_channels, args.frames, args.height // s, args.width // s, generator=gen)
+    noise = torch.randn(args.num_samples, unet.config.in_channels, args.frames, args.height // s, args.width // s,
+                        generator=gen)
     z = sample(unet, m["scheduler"], text["sample"], text["negative"], noise.to(device), args.steps, args.cfg)
-    video = decode_frames(m["vae"], z)[0].cpu()
+    video = torch.cat([decode_frames(m["vae"], zi[None]) for zi in z]).cpu()  # one at a time: a real decode is large
     return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps, toy=args.model == "toy")
 
 

@@ -85,6 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int, default=49)
     p.add_argument("--fps", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1, help="videos sampled from different noise, batched "
+                                                                "(toy metrics: their mean)")
     # ablations (the paper's tables)
     p.add_argument("--no-sura", action="store_true", help="stage 1 without L_SuRA")
     p.add_argument("--no-mora", action="store_true", help="stage 2 without L_MoRA")
@@ -112,7 +114,7 @@ def parse_args(argv=None):
 
 # the toy world: 9 frames of 32x32, its pretrained tiny Wan (flow shift 1), fewer sampling steps, a larger lr
 TOY = dict(subject_size=32, motion_size=[32, 32], motion_frames=9, height=32, width=32, frames=9, fps=4,
-           max_text_len=16, proj_hidden=64, lr=1e-3, batch=4, shift=1.0, steps=20, cfg=4.0)
+           max_text_len=16, proj_hidden=64, lr=1e-3, batch=4, shift=1.0, steps=20, cfg=4.0, num_samples=4)
 
 
 # -----------------------------------------------------------------------------
@@ -334,6 +336,7 @@ def sample(transformer, scheduler, text, uncond, latents, steps, cfg, on_step=No
     on_step(i, steps) sets the LoRA scales of step i (sparse injection)."""
     scheduler.set_timesteps(steps, device=latents.device)
     z, n = latents, latents.shape[0]
+    text = text.expand(n, -1, -1)
     cond = torch.cat([text, uncond.expand_as(text)]).to(transformer.dtype)
     for i, t in enumerate(scheduler.timesteps):
         if on_step:
@@ -535,10 +538,12 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     t_lat = (args.frames - 1) // m["vae"].config.scale_factor_temporal + 1
     s = m["vae"].config.scale_factor_spatial
-    noise = torch.randn(1, transformer.config.in_channels, t_lat, args.height // s, args.width // s, generator=gen)
+    noise = torch.randn(args.num_samples, transformer.config.in_channels, t_lat, args.height // s, args.width // s,
+                        generator=gen)
     z = sample(transformer, m["scheduler"], text["sample"], text["uncond"], noise.to(device), args.steps, args.cfg,
                on_step=lambda i, n: set_injection(layers, args, i, n))
-    video = m["vae"].decode(unnormalize(m["vae"], z.to(torch.float32))).sample[0].transpose(0, 1).float().cpu()
+    video = torch.stack([m["vae"].decode(unnormalize(m["vae"], zi[None].to(torch.float32))).sample[0].transpose(0, 1)
+                         .float().cpu() for zi in z])  # one at a time: a real VAE decode is large
     return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps, toy=args.model == "toy")
 
 

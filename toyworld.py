@@ -372,10 +372,12 @@ FAMILIES = {  # each family keeps its real objective, text encoder and prompt co
         time_embed_dim=64, text_embed_dim=32, num_layers=4, sample_width=8, sample_height=8,
         sample_frames=NUM_FRAMES, patch_size=1, temporal_compression_ratio=1, max_text_seq_length=MAX_TOKENS,
         use_rotary_positional_embeddings=True)),
+    # the UNet's first width must not be below the 48 latent channels: an epsilon-predictor squeezed through 32
+    # channels cannot even return the noise it was given (loss stuck at ~1/3 at every t, samples pure noise)
     "unet3d": dict(cls="UNet3DConditionModel", pred="eps", text="clip", zero_pad=False, config=dict(
         sample_size=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        block_out_channels=(64, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
         attention_head_dim=4)),
 }
 
