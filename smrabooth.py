@@ -475,7 +475,10 @@ ABLATIONS = {"base": ["--subject-steps", "0", "--motion-steps", "0"], "full": []
              "subject w/o FFN.0 (Comb. 2)": ["--sample-only", "--subject-drop-ffn0"],
              "motion w/o FFN.0 (Comb. 3)": ["--sample-only", "--motion-drop-ffn0"],
              "T_point 0": ["--sample-only", "--t-point", "0"], "T_point 0.8": ["--sample-only", "--t-point", "0.8"],
-             "subject scale 1 throughout": ["--sample-only", "--subject-early-scale", "1.0"]}
+             "subject scale 1 throughout": ["--sample-only", "--subject-early-scale", "1.0"],
+             # not the paper's: each LoRA alone (the other at scale 0), to see what each has learned
+             "subject LoRA only": ["--sample-only", "--motion-scale", "0"],
+             "motion LoRA only": ["--sample-only", "--subject-early-scale", "0", "--subject-late-scale", "0"]}
 
 
 def main(argv=None):

@@ -183,3 +183,16 @@ def test_toy_preset_keeps_every_flag_given_even_at_its_default():
         common.apply_toy_preset(args, p, argv, dict(lr=1e-3, steps=20))
         assert (args.lr, args.steps) == want, argv
         assert args.subject.endswith("subject") and args.motion.endswith("motion")
+
+
+def test_write_result_toy_metrics_are_the_mean_over_samples(tmp_path):
+    images, _ = tw.subject_images()
+    motion = tw.motion_clip()
+    ideal = tw.render([dict(tw.SUBJECT, motion="zigzag", background="white")], torch.Generator())[0]
+    blank = torch.zeros_like(ideal)  # a plain gray clip: no sprite, identity 0
+    one = common.write_result(tmp_path / "a", ideal[None], images, motion, "p", 4, toy=True)
+    two = common.write_result(tmp_path / "b", torch.stack([ideal, blank]), images, motion, "p", 4, toy=True)
+    assert one["identity"] == 1.0 and two["identity"] == 0.5
+    assert (tmp_path / "b" / "result" / "008.png").is_file()  # the first sample's frames
+    grid = common.read_video(tmp_path / "b" / "result_grid.mp4", 9)
+    assert grid.shape[-1] == 4 * grid.shape[-2]  # subject | motion | both samples
