@@ -133,12 +133,12 @@ def read_inputs(args):
         common.fail(f"{folder} has no image ({', '.join(common.IMAGE_EXTS)})")
     size = (args.subject_size, args.subject_size)
     images = torch.stack([common.read_image(p, size) for p in paths])
-    if (folder / "masks").is_dir():
+    if (folder / "masks").is_dir() and not args.no_mask:
         missing = [p.name for p in paths if not (folder / "masks" / p.name).is_file()]
         if missing:
             common.fail(f"no mask with the same name in {folder / 'masks'} for: {', '.join(missing)}")
         masks = torch.stack([common.read_image(folder / "masks" / p.name, size)[:1] > 0 for p in paths]).float()
-    else:
+    else:  # --no-mask (the ablation) or no masks given: the region loss covers the whole image
         if not args.no_mask:
             print(f"warning: no {folder / 'masks'}; the region loss uses the whole image (we ship no segmenter)")
         masks = torch.ones(len(paths), 1, *size)

@@ -259,3 +259,10 @@ def test_every_ablation_is_a_valid_flag_set():
     for name, flags in sm.ABLATIONS.items():
         args = sm.parse_args(["--model", "toy"] + flags)
         assert name == "full" or vars(args) != vars(base), name
+
+
+def test_no_mask_ablation_ignores_the_shipped_masks():
+    _, masks, _, _ = sm.read_inputs(sm.parse_args(["--model", "toy"]))
+    assert 0 < masks.mean() < 0.5  # the toy subject's masks cover the sprite only
+    _, masks, _, _ = sm.read_inputs(sm.parse_args(["--model", "toy", "--no-mask"]))
+    assert masks.min() == 1  # --no-mask: the region loss covers the whole image
