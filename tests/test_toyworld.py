@@ -179,7 +179,8 @@ def test_noise_is_not_a_sprite():
     assert tw.evaluate(noisy.clamp(-1, 1), list(images), tw.motion_clip())["identity"] == 0.0
 
 
-# unet3d is shipped part-way: after ~80k samples it draws no sprite yet. strict: once it passes, this mark must go.
+# unet3d is shipped part-way: restarted at width 64, after 48k samples it draws no sprite yet. strict: once it
+# passes, this mark must go.
 UNDERTRAINED = pytest.mark.xfail(strict=True, reason="toy unet3d not pretrained far enough yet (README: Status)")
 
 
