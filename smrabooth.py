@@ -78,6 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--subject-early-scale", type=float, default=0.5, help="subject LoRA scale before T_point")
     p.add_argument("--subject-late-scale", type=float, default=1.0, help="subject LoRA scale from T_point on")
     p.add_argument("--motion-scale", type=float, default=1.0)
+    p.add_argument("--subject-layers", nargs="+", default=["to_q", "to_k", "ffn.net.0.proj"],
+                   help="module-name endings the subject LoRA acts in at inference (sec. 3.4: Q, K, FFN.0)")
+    p.add_argument("--motion-layers", nargs="+", default=["to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
+                   help="the same for the motion LoRA (V, O, FFN.0, FFN.2); e.g. 'attn2.to_v' for one layer kind")
     p.add_argument("--self-attn-only", action="store_true", help="sparse injection only in attn1 (the paper does "
                                                                  "not say; default: self- and cross-attention)")
     p.add_argument("--height", type=int, default=480)
@@ -209,12 +213,11 @@ def add_loras(transformer, args):
 
 def injection_where(args):
     """Which LoRA layers each adapter acts in at inference (sec. 3.4, layer-wise sparsity), by module name."""
-    subject = ["to_q", "to_k", "ffn.net.0.proj"]
-    motion = ["to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    subject, motion = list(args.subject_layers), list(args.motion_layers)
     if args.subject_drop_ffn0:
-        subject.remove("ffn.net.0.proj")
+        subject = [n for n in subject if n != "ffn.net.0.proj"]
     if args.motion_drop_ffn0:
-        motion.remove("ffn.net.0.proj")
+        motion = [n for n in motion if n != "ffn.net.0.proj"]
     if args.inject == "all":
         subject = motion = LORA_TARGETS
 

@@ -101,6 +101,11 @@ def test_injection_layers_and_steps():
     sm.set_injection(layers, drop, 9, 10)
     for n, m in layers:
         assert (m.scaling["subject"] > 0) == (n.endswith(("to_q", "to_k")) and ".attn1." in n)
+    one = sm.parse_args(["--model", "toy", "--motion-layers", "attn2.to_v", "--subject-layers", "ffn.net.2"])
+    sm.set_injection(layers, one, 9, 10)
+    for n, m in layers:
+        assert (m.scaling["motion"] > 0) == n.endswith("attn2.to_v") and (m.scaling["subject"] > 0) == n.endswith(
+            "ffn.net.2"), n
 
 
 def test_our_loop_equals_wan_pipeline_when_all_scales_are_1():
