@@ -280,7 +280,7 @@ def bench_jointtuner(args, device, dtype):
     unet = build("unet3d", args.tiny, device, dtype)
     adapters = jointtuner.add_adapters(unet, margs.rank, margs.dropout, not margs.no_gate)
     params = jointtuner.trainable(adapters, False)["video"]
-    scheduler = toyworld.noise_schedule("unet3d")  # ZeroScope's DDIM config (scaled_linear betas)
+    scheduler = toyworld.noise_schedule("unet3d")  # ZeroScope's DDIM betas (the toy clips x0: a clamp per step)
     text, uncond = (text_embeds("unet3d", args.tiny, device, dtype) for _ in range(2))
     gen = torch.Generator().manual_seed(0)
     setting, real, tiny_shape = SETTINGS["jointtuner"][0]

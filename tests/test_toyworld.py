@@ -57,6 +57,16 @@ def test_pixel_vae_is_lossless_and_looks_like_a_vae():
     assert torch.equal(z[0, :, 3, 1, 2].view(3, 4, 4), x[0, :, 3, 4:8, 8:12])
 
 
+def test_the_toy_unet3d_sampler_keeps_x0_in_the_pixel_range():
+    """The toy latents are pixels in [-1, 1]; the epsilon family's DDIM clips its x0 estimate to that range."""
+    sched = tw.noise_schedule("unet3d")
+    sched.set_timesteps(20)
+    z = torch.randn(2, 48, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = sched.step(3 * torch.randn_like(z), sched.timesteps[0], z)
+    assert out.pred_original_sample.abs().max() <= 1.0
+    assert out.pred_original_sample.abs().max() == 1.0  # the unclipped estimate was far outside
+
+
 @pytest.mark.parametrize("family", list(tw.FAMILIES))
 def test_backbone_learns_a_fixed_batch_and_samples(family):
     torch.manual_seed(0)
