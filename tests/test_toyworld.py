@@ -189,12 +189,7 @@ def test_noise_is_not_a_sprite():
     assert tw.evaluate(noisy.clamp(-1, 1), list(images), tw.motion_clip())["identity"] == 0.0
 
 
-# unet3d is shipped part-way: restarted at width 64, after 48k samples it draws no sprite yet. strict: once it
-# passes, this mark must go.
-UNDERTRAINED = pytest.mark.xfail(strict=True, reason="toy unet3d not pretrained far enough yet (README: Status)")
-
-
-@pytest.mark.parametrize("family", [f if f != "unet3d" else pytest.param(f, marks=UNDERTRAINED) for f in tw.FAMILIES])
+@pytest.mark.parametrize("family", list(tw.FAMILIES))
 def test_shipped_backbone_loads_and_follows_prompts_loosely(family, tmp_path):
     """The committed checkpoint loads (config and pretraining record in its metadata) and, on 8 held-out prompts
     sampled in 8 steps, draws the asked-for background and mostly the asked-for colour; prompted with the nearest
