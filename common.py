@@ -317,11 +317,14 @@ def check_finite(loss, step):
 
 
 class StepLog:
-    """One line per interval on the tqdm bar's stream, and every logged step appended to log.jsonl."""
+    """One line per interval on the tqdm bar's stream, and every logged step appended to log.jsonl. A new run
+    (append=False) starts the file afresh, so a run in an old --out does not mix its log with the old run's."""
 
-    def __init__(self, path, every=10):
+    def __init__(self, path, every=10, append=False):
         self.path, self.every, self.t0 = Path(path), every, time.time()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not append:
+            self.path.unlink(missing_ok=True)
 
     def __call__(self, step, bar=None, **values):
         values = {k: float(v) for k, v in values.items()}

@@ -635,7 +635,7 @@ def train(m, data, args, out, rank=0, world=1):
         pg = torch.Generator().manual_seed(args.seed + 999)
         probe = dict(image=data.pair_batch(draw(pair_idx, args.pair_batch, pg), pg),
                      video=data.video_batch(draw(video_idx, args.video_batch, pg), pg))
-    log, last = common.StepLog(out / "log.jsonl", every=args.log_every), {}
+    log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
     tr.train()
     bar = tqdm(range(state.get("step", 0), args.iterations), desc="dual-task", disable=None if rank == 0 else True)
     for step in bar:

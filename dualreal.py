@@ -421,7 +421,7 @@ def train(transformer, dr, alphas_cumprod, lat, text, cond, args, state, out):
         opt.load_state_dict(state["opt"])
         lr_sched.load_state_dict(state["lr_sched"])
         gen.set_state(state["gen"])
-    log, last = common.StepLog(out / "log.jsonl", every=args.log_every), {}
+    log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
     dr.train()
     bar = tqdm(range(state.get("step", 0), args.iterations), desc="dual-aware", disable=None)
     for step in bar:

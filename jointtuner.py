@@ -411,7 +411,7 @@ def train(unet, alphas_cumprod, adapters, lat, text, args, state, out):
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
     stage_two = [a for a in adapters.values() if a.kind == "spatial"] if args.two_stage and args.separate_lora else []
-    log, last = common.StepLog(out / "log.jsonl", every=args.log_every), {}
+    log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
     unet.train()  # LoRA dropout on; the frozen UNet itself has no dropout
     bar = tqdm(range(state.get("step", 0), args.iterations), desc="two-stage" if args.two_stage else "joint",
                disable=None)

@@ -376,7 +376,7 @@ def train_stage(stage, m, lat, text, args, trainable, state, out, extra=None):
     if state.get("gen") is not None:  # resuming: the same batches and noise as an uninterrupted run
         gen.set_state(state["gen"])
     steps = args.subject_steps if stage == "subject" else args.motion_steps
-    log = common.StepLog(out / "log.jsonl", every=args.log_every)
+    log = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume or stage == "motion")
     store = {}
     hook = block0_hook(transformer, store) if stage == "subject" and not args.no_sura else None
     bar = tqdm(range(state.get("step", 0), steps), desc=f"{stage} LoRA", disable=None)

@@ -508,7 +508,7 @@ def pretrain(args):
           f"from step {step} to {args.steps}, batch {args.batch}")
     tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
     cache, sched, vae = {}, noise_schedule(args.family), PixelVAE()
-    log = common.StepLog(ckpt.parent / "log.jsonl", every=args.log_every)
+    log = common.StepLog(ckpt.parent / "log.jsonl", every=args.log_every, append=args.resume)
 
     bar = tqdm(total=args.steps, initial=step, disable=None)
     t0, first = time.time(), step

@@ -137,6 +137,10 @@ def test_step_log_writes_jsonl(tmp_path, capsys):
         log(step, loss=1.0 / step)
     lines = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [2, 4] and "step 4: loss 0.25" in capsys.readouterr().out
+    common.StepLog(tmp_path / "log.jsonl", every=2, append=True)(6, loss=0.1)  # a resumed run continues the file
+    assert [json.loads(l)["step"] for l in (tmp_path / "log.jsonl").read_text().splitlines()] == [2, 4, 6]
+    common.StepLog(tmp_path / "log.jsonl", every=2)(2, loss=0.1)  # a new run in the same folder starts afresh
+    assert [json.loads(l)["step"] for l in (tmp_path / "log.jsonl").read_text().splitlines()] == [2]
 
 
 def test_run_ablations_seeds_and_sample_only_reuse(tmp_path, monkeypatch):
