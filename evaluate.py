@@ -7,6 +7,7 @@ ids or local folders given by flags (checked before anything loads; nothing is d
         --raft-weights raft_large_C_T_SKHT_V2-ff5fadd5.pth --json out/run/metrics.json
     python evaluate.py out/smrabooth/result --toy --json out/smrabooth/toy_metrics.json   # the toy world's metrics
     python evaluate.py --table results/*/full/seed*/metrics.json   # markdown table; seed folders are averaged
+    python evaluate.py --paired results/dualreal/base results/dualreal/full   # seed by seed: is B ahead of A?
 
 Metrics, formulas as in the reference code (DreamBooth, VBench, diffusion-motion-transfer = DMT, PickScore):
 clip_t, clip_i, dino_i, temporal_consistency, subject_consistency (VBench), motion_fidelity (DMT), dynamic_degree
@@ -87,6 +88,8 @@ def parse_args(argv=None):
     # tables
     p.add_argument("--table", nargs="+", metavar="METRICS_JSON", help="print the markdown comparison table")
     p.add_argument("--columns", help="comma list of the table's metrics (default: all in the files)")
+    p.add_argument("--paired", nargs=2, metavar=("A", "B"), help="two --ablate result folders (seed0/, seed1/, ...): "
+                   "per metric, B - A seed by seed, its mean and standard error, and whether B is ahead by > 2 SE")
     return p.parse_args(argv)
 
 
@@ -455,6 +458,26 @@ def markdown_table(rows, infos, columns):
     return "\n".join(lines)
 
 
+def paired(a, b):
+    """{metric: dict(a=[...], b=[...], diff=, se=, ahead=, beats=)} over the seeds both folders hold. diff is the
+    mean of (B - A) per seed, signed so that positive is better (leakage negated); se its standard error
+    (sample std / sqrt(n)); ahead counts the seeds where B is better; beats = diff > 2 se, the rule the README's
+    "beats the base model" means (fixed before the DualReal seeds 5-9 were run)."""
+    seeds = sorted({p.parent.name for p in Path(a).glob("seed*/metrics.json")} &
+                   {p.parent.name for p in Path(b).glob("seed*/metrics.json")}, key=lambda s: int(s[4:]))
+    if len(seeds) < 2:
+        common.fail(f"--paired needs at least two seeds run in both {a} and {b} (seed*/metrics.json)")
+    runs = {k: [read_metrics([Path(d) / s / "metrics.json"])[0].popitem()[1] for s in seeds] for k, d in
+            (("a", a), ("b", b))}
+    out = {}
+    for m in [m for m in runs["a"][0] if all(m in r for r in runs["a"] + runs["b"])]:
+        va, vb = [r[m] for r in runs["a"]], [r[m] for r in runs["b"]]
+        d = [DIRECTIONS.get(m, 1) * (y - x) for x, y in zip(va, vb)]
+        diff, se = statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5
+        out[m] = dict(a=va, b=vb, diff=diff, se=se, ahead=sum(x > 0 for x in d), beats=diff > 2 * se)
+    return seeds, out
+
+
 # -----------------------------------------------------------------------------
 # main
 
@@ -542,6 +565,17 @@ def evaluate_video(args, m, todo, path, prompt, images, ref):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.paired:
+        seeds, res = paired(*args.paired)
+        a, b = args.paired
+        print(f"{b} against {a}, seeds {seeds[0][4:]}-{seeds[-1][4:]} ({len(seeds)}); diff = mean of B - A per seed "
+              f"(leakage: A - B), beats = diff > 2 standard errors")
+        for m, r in res.items():
+            print(f"{m}: A {statistics.mean(r['a']):.3f}, B {statistics.mean(r['b']):.3f}, diff {r['diff']:.3f}, "
+                  f"SE {r['se']:.3f}, B ahead in {r['ahead']}/{len(seeds)}, beats: {'yes' if r['beats'] else 'no'}"
+                  f"\n  A per seed: {', '.join(f'{x:.2f}' for x in r['a'])}\n  B per seed: "
+                  f"{', '.join(f'{x:.2f}' for x in r['b'])}")
+        return res
     if args.table:
         rows, infos = read_metrics(args.table)
         columns = args.columns.split(",") if args.columns else list(dict.fromkeys(k for r in rows.values() for k in r))

@@ -299,3 +299,23 @@ def test_table_averages_the_seeds_of_an_ablation_run(tmp_path):
     rows, _ = ev.read_metrics(paths)
     assert rows == {"smrabooth/full (2 seeds)": dict(identity=0.75, motion=0.5),
                     "dualreal/full": dict(identity=0.25, motion=0.5)}
+
+
+def test_paired_comparison_by_hand(tmp_path):
+    for variant, idents, leaks in [("base", [0.1, 0.2, 0.3], [0.1, 0.1, 0.1]),
+                                   ("full", [0.3, 0.3, 0.3], [0.0, 0.05, 0.0])]:
+        for seed, (i, l) in enumerate(zip(idents, leaks)):
+            p = tmp_path / variant / f"seed{seed}" / "metrics.json"
+            p.parent.mkdir(parents=True)
+            p.write_text(json.dumps(dict(identity=i, leakage=l)))
+    seeds, res = ev.paired(tmp_path / "base", tmp_path / "full")
+    assert seeds == ["seed0", "seed1", "seed2"]
+    # identity: B - A = 0.2, 0.1, 0.0 -> mean 0.1, sample std 0.1, SE 0.1 / sqrt(3) = 0.058; 0.1 < 2 SE
+    ident = res["identity"]
+    assert ident["diff"] == pytest.approx(0.1) and ident["se"] == pytest.approx(0.1 / 3 ** 0.5)
+    assert ident["ahead"] == 2 and not ident["beats"]
+    # leakage is lower-is-better: A - B = 0.1, 0.05, 0.1 -> mean 0.0833, SE 0.0289 / sqrt(3) = 0.0167
+    leak = res["leakage"]
+    assert leak["diff"] == pytest.approx(0.25 / 3) and leak["ahead"] == 3 and leak["beats"]
+    with pytest.raises(SystemExit):   # one seed has no standard error
+        ev.paired(tmp_path / "base", tmp_path / "nothing")
