@@ -636,6 +636,8 @@ def train(m, data, args, out, rank=0, world=1):
         probe = dict(image=data.pair_batch(draw(pair_idx, args.pair_batch, pg), pg),
                      video=data.video_batch(draw(video_idx, args.video_batch, pg), pg))
     log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
+    if probe is not None and rank == 0 and not args.resume:  # a new run's probe log starts afresh, as log.jsonl does
+        (out / "grad_log.jsonl").unlink(missing_ok=True)
     tr.train()
     bar = tqdm(range(state.get("step", 0), args.iterations), desc="dual-task", disable=None if rank == 0 else True)
     for step in bar:

@@ -249,6 +249,8 @@ def test_grad_monitoring_and_pcgrad_run(tmp_path):
     dts.main(FAST + ["--out", str(out), "--grad-every", "2", "--pcgrad", "4", "--p", "0.5"])
     rows = [json.loads(x) for x in (out / "grad_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2] and all(-1 <= r["cos"] <= 1 and r["norm_img"] > 0 for r in rows)
+    dts.main(FAST + ["--out", str(out), "--grad-every", "2", "--p", "0.5"])   # a new run in the same --out
+    assert [json.loads(x)["step"] for x in (out / "grad_log.jsonl").read_text().splitlines()] == [0, 2]
 
 
 def test_two_process_gloo_run(tmp_path):
