@@ -462,7 +462,7 @@ def paired(a, b):
     """{metric: dict(a=[...], b=[...], diff=, se=, ahead=, beats=)} over the seeds both folders hold. diff is the
     mean of (B - A) per seed, signed so that positive is better (leakage negated); se its standard error
     (sample std / sqrt(n)); ahead counts the seeds where B is better; beats = diff > 2 se, the rule the README's
-    "beats the base model" means (fixed before the DualReal seeds 5-9 were run)."""
+    "beats the base model" means."""
     seeds = sorted({p.parent.name for p in Path(a).glob("seed*/metrics.json")} &
                    {p.parent.name for p in Path(b).glob("seed*/metrics.json")}, key=lambda s: int(s[4:]))
     if len(seeds) < 2:
