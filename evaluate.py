@@ -379,11 +379,12 @@ def dynamic_degree(flow, frames, fps=8.0):
 # -----------------------------------------------------------------------------
 # tables and composites
 
-DIRECTIONS = {"leakage": -1}  # +1 (higher is better) unless listed here
+DIRECTIONS = {"leakage": -1, "noise": -1}  # +1 (higher is better) unless listed here
 NOT_METRICS = {"seed", "steps", "cfg", "n", "n_novel", "batch", "step", "samples_seen"}
 SCALES = {"dino_i": "cos", "subject_consistency": "VBench [0, 1]", "dynamic_degree": "VBench fraction",
           "dynamic_magnitude": "px", "motion_fidelity": "DMT, cos", "pickscore": "logit", "aesthetic": "LAION / 10",
-          "identity": "toy fraction", "leakage": "toy fraction", "motion": "toy cos", "dynamics": "toy px/frame"}
+          "identity": "toy fraction", "leakage": "toy fraction", "motion": "toy cos", "dynamics": "toy px/frame",
+          "noise": "toy RGB distance"}
 CLIP_BASED = ("clip_t", "clip_i", "temporal_consistency")
 
 

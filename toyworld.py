@@ -552,7 +552,8 @@ def pretrain(args):
 # toy metrics, from pixels: segment the sprite against the background, recognise its colour, shape and pattern
 # by matching the world's own templates, follow its centroid. identity / leakage = fraction of the subject's /
 # the motion video's sprite factors recognised per frame; motion = mean cosine of per-frame sprite velocities
-# with the reference's; dynamics = mean sprite speed in px per frame.
+# with the reference's; dynamics = mean sprite speed in px per frame; noise = how far the frame's border is from a
+# clean background.
 
 FACTORS = ("colour", "shape", "pattern")
 _YS, _XS = torch.meshgrid(torch.arange(SIZE, dtype=torch.float32), torch.arange(SIZE, dtype=torch.float32),
@@ -563,11 +564,16 @@ MIN_IOU = 0.3
 _OFFSETS = torch.cartesian_prod(torch.arange(-1.5, 1.6, 0.5), torch.arange(-1.5, 1.6, 0.5))
 
 
+def _border(x):
+    """The one-pixel frame border of (..., H, W) images as (..., 2H + 2W - 4)."""
+    return torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], -1)
+
+
 def segment(video):
     """video (F, 3, H, W) in [-1, 1] -> background colour (F, 3) in [0, 1] (median of the border) and sprite
     masks (F, H, W): pixels farther than 0.25 from the background colour."""
     x = (video.float() + 1) / 2
-    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], -1)
+    border = _border(x)
     bg = border.median(-1).values
     return bg, (x - bg[..., None, None]).norm(dim=1) > 0.25
 
@@ -650,13 +656,23 @@ def classify_motion(traj):
     return max(score, key=score.get)
 
 
+def background_noise(video):
+    """Mean RGB distance ([0, 1] units) of each frame's border pixels from its background colour: 0 for a clean
+    render; what is left of the starting noise when adapters stop the sampler from removing it (a sprite crossing
+    the border adds a little)."""
+    x = (video.float() + 1) / 2
+    border = _border(x)
+    return float((border - border.median(-1).values[..., None]).norm(dim=1).mean())
+
+
 def evaluate(video, subject_images, motion_video):
     """The customization metrics of one generated clip against the subject images and the motion reference."""
     subj, mot = reference_factors(subject_images), reference_factors([motion_video])
     differ = [k for k in FACTORS if subj[k] != mot[k]] or list(FACTORS)
     traj = centroids(segment(video)[1])
     return dict(identity=factor_match(video, subj), leakage=factor_match(video, mot, differ),
-                motion=motion_score(traj, centroids(segment(motion_video)[1])), dynamics=dynamics(traj))
+                motion=motion_score(traj, centroids(segment(motion_video)[1])), dynamics=dynamics(traj),
+                noise=background_noise(video))
 
 
 def prompt_following(video, concept):

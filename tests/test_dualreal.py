@@ -182,7 +182,7 @@ def test_toy_end_to_end_writes_everything_and_sample_only_reuses_it(tmp_path):
     for name in ("adapters.safetensors", "config.json", "log.jsonl", "ckpt.pt", "result.mp4", "result_grid.mp4",
                  "metrics.json", "result/000.png", "result/008.png"):
         assert (out / name).is_file(), name
-    assert set(metrics) == {"identity", "motion", "leakage", "dynamics"}
+    assert set(metrics) == {"identity", "motion", "leakage", "dynamics", "noise"}
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["height"], cfg["max_text_len"], cfg["sampler"]) == (32, tw.MAX_TOKENS, "ddim")
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4]

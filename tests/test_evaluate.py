@@ -268,9 +268,10 @@ def test_cli_toy_world_metrics_to_json(tmp_path):
     ev.main([str(tmp_path / "run" / "result"), "--toy", "--json", str(out)])
     m = json.loads(out.read_text())
     assert m["identity"] > 0.9 and m["leakage"] < 0.1 and m["motion"] > 0.9 and m["dynamics"] > 1
+    assert m["noise"] < 1e-6
     assert set(m["videos"]) == {str(tmp_path / "run" / "result")}
     rows, _ = ev.read_metrics([out])   # what --table reads: the run folder's name, the metrics only
-    assert rows == {"run": {k: m[k] for k in ("identity", "leakage", "motion", "dynamics")}}
+    assert rows == {"run": {k: m[k] for k in ("identity", "leakage", "motion", "dynamics", "noise")}}
 
 
 def test_cli_every_metric_with_tiny_models(tiny, tmp_path):

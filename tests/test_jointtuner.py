@@ -220,7 +220,7 @@ def test_toy_end_to_end_writes_everything_and_sample_only_reuses_it(tmp_path):
     for name in ("adapters.safetensors", "config.json", "log.jsonl", "result.mp4", "result_grid.mp4",
                  "metrics.json", "result/000.png", "result/008.png"):
         assert (out / name).is_file(), name
-    assert set(metrics) == {"identity", "motion", "leakage", "dynamics"}
+    assert set(metrics) == {"identity", "motion", "leakage", "dynamics", "noise"}
     assert json.loads((out / "config.json").read_text())["height"] == 32  # the toy preset was applied
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4]
     import safetensors.torch as st

@@ -153,7 +153,7 @@ def test_toy_end_to_end_writes_everything_and_sample_only_reuses_it(tmp_path):
     for name in ("subject_lora/pytorch_lora_weights.safetensors", "motion_lora/pytorch_lora_weights.safetensors",
                  "config.json", "log.jsonl", "result.mp4", "result_grid.mp4", "metrics.json", "result/000.png"):
         assert (out / name).is_file(), name
-    assert set(metrics) == {"identity", "motion", "leakage", "dynamics"}
+    assert set(metrics) == {"identity", "motion", "leakage", "dynamics", "noise"}
     assert json.loads((out / "config.json").read_text())["subject_size"] == 32  # the toy preset was applied
     again = sm.main(FAST + ["--out", str(out), "--sample-only"])
     assert again == metrics  # same LoRAs, same seed: the same clip

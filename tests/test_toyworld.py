@@ -189,6 +189,17 @@ def test_noise_is_not_a_sprite():
     assert tw.evaluate(noisy.clamp(-1, 1), list(images), tw.motion_clip())["identity"] == 0.0
 
 
+def test_background_noise_is_zero_on_a_render_and_grows_with_added_noise():
+    gen = torch.Generator().manual_seed(0)
+    clean = tw.render([dict(tw.SUBJECT, motion="zigzag", background="beige")], gen)[0]
+    assert tw.background_noise(clean) < 1e-6
+    levels = [tw.background_noise((clean + s * torch.randn(clean.shape, generator=gen)).clamp(-1, 1))
+              for s in (0.05, 0.2, 0.5)]
+    assert levels[0] > 0.01 and levels[0] < levels[1] < levels[2]
+    # gaussian noise of std s in [-1, 1] units: per channel s / 2 in [0, 1] units, distance ~ sqrt(3) s / 2
+    assert abs(levels[1] - 3 ** 0.5 * 0.2 / 2) < 0.03
+
+
 @pytest.mark.parametrize("family", list(tw.FAMILIES))
 def test_shipped_backbone_loads_and_follows_prompts_loosely(family, tmp_path):
     """The committed checkpoint loads (config and pretraining record in its metadata) and, on 8 held-out prompts
