@@ -396,7 +396,8 @@ def train_stage(stage, m, lat, text, args, trainable, state, out, extra=None):
                 loss = loss + args.sura_lambda * logs["sura"]
         else:
             loss = logs["temporal"] = F.mse_loss(v_pred, v)
-            if not args.no_mora:  # a random window each step (the paper does not say how windows are picked)
+            if not args.no_mora:  # a random window each step: the supplement slides it by 2 latents between
+                # steps, which never starts at an odd latent; a random start reaches every one
                 k = int(torch.randint(max(1, z0.shape[2] - args.mora_window + 1), (1,), generator=gen))
                 frames, ref_idx = decode_window(m["vae"], one_step_x0(z_t, v_pred, sigma), k, args.mora_window)
                 pairs = torch.tensor(ref_idx[:-1], device=device)
