@@ -660,9 +660,8 @@ def background_noise(video):
     """Mean RGB distance ([0, 1] units) of each frame's border pixels from its background colour: 0 for a clean
     render; what is left of the starting noise when adapters stop the sampler from removing it (a sprite crossing
     the border adds a little)."""
-    x = (video.float() + 1) / 2
-    border = _border(x)
-    return float((border - border.median(-1).values[..., None]).norm(dim=1).mean())
+    bg = segment(video)[0]  # the background colour as the sprite segmentation defines it
+    return float((_border((video.float() + 1) / 2) - bg[..., None]).norm(dim=1).mean())
 
 
 def evaluate(video, subject_images, motion_video):
