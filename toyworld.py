@@ -475,7 +475,7 @@ def export_backbone(ema, path, args, step, seen):
     meta = dict(family=args.family, config=json.dumps(ema.config), seed=str(args.seed), steps=str(step),
                 samples_seen=str(seen), batch=str(args.batch), lr=str(args.lr), ema=str(args.ema),
                 image_every=str(args.image_every), cfg_drop=str(args.cfg_drop))
-    common.save_atomic({k: v.contiguous() for k, v in ema.state_dict().items()}, path,
+    common.save_atomic({k: v.cpu().contiguous() for k, v in ema.state_dict().items()}, path,
                        lambda sd, p: save_file(sd, p, metadata=meta))
 
 
@@ -483,29 +483,33 @@ def pretrain(args):
     from tqdm import tqdm
     fam = FAMILIES[args.family]
     torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    model = build_backbone(args.family).train()
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    step, seen = 0, 0
+    gen = torch.Generator().manual_seed(args.seed)  # the data stream is drawn on the CPU: the same on any device
+    dev = common.device_and_dtype()[0]
     ckpt, out = Path(args.ckpt or f"out/pretrain/{args.family}/ckpt.pt"), Path(args.out or backbone_path(args.family))
+    state, weights, step, seen = None, None, 0, 0
+    config = dict(fam["config"], **json.loads(args.config or "{}"))  # e.g. '{"num_attention_heads": 4}': wider
     if args.resume and ckpt.is_file():  # the full training state of an interrupted run
         state = common.load_checkpoint(ckpt)
-        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
-        step, seen = state["step"], state["seen"]
-        gen.set_state(state["gen"]), common.set_rng_state(state["rng"])
+        config, step, seen = state.get("config", config), state["step"], state["seen"]
     elif args.resume and out.is_file():  # a shipped checkpoint: continue from its EMA weights, fresh optimiser
         from safetensors import safe_open
         with safe_open(str(out), "pt") as f:
             meta = f.metadata()
         weights = load_backbone(args.family, out).state_dict()
-        model.load_state_dict(weights), ema.load_state_dict(weights)
-        step, seen = int(meta["steps"]), int(meta["samples_seen"])
+        config, step, seen = json.loads(meta["config"]), int(meta["steps"]), int(meta["samples_seen"])
         gen.manual_seed(args.seed + step)
     elif args.resume:
         common.fail(f"--resume: neither {ckpt} nor {out} exists")
-    print(f"pretraining toy {args.family}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-          f"from step {step} to {args.steps}, batch {args.batch}")
+    model = build_backbone(args.family, config).to(dev).train()
+    if weights is not None:
+        model.load_state_dict(weights)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    if state is not None:
+        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"]), common.set_rng_state(state["rng"])
+    print(f"pretraining toy {args.family} on {dev}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+          f"parameters, from step {step} to {args.steps}, batch {args.batch}")
     tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
     cache, sched, vae = {}, noise_schedule(args.family), PixelVAE()
     log = common.StepLog(ckpt.parent / "log.jsonl", every=args.log_every, append=args.resume)
@@ -524,8 +528,10 @@ def pretrain(args):
         noise = torch.randn(z0.shape, generator=gen)
         t = sample_timesteps(args.family, args.batch, gen)
         z_t, target = common.noisy_and_target(fam["pred"], z0, noise, t, getattr(sched, "alphas_cumprod", None))
-        pred = backbone_forward(args.family, model, z_t, t * 1000 if fam["pred"] == "flow" else t, text)
-        loss = F.mse_loss(pred, target)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):  # bf16 on a GPU, as the methods
+            pred = backbone_forward(args.family, model, z_t.to(dev), (t * 1000 if fam["pred"] == "flow" else t).to(dev),
+                                    text.to(dev))
+        loss = F.mse_loss(pred.float(), target.to(dev))
         common.check_finite(loss, step)
         for g in opt.param_groups:  # linear warm-up, then constant: runs can be extended by resuming
             g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
@@ -542,7 +548,7 @@ def pretrain(args):
         log(step, bar, loss=loss.item(), samples_per_s=args.batch * (step - first) / (time.time() - t0))
         if step % args.save_every == 0 or step == args.steps:
             common.save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                                    seen=seen, gen=gen.get_state(), rng=common.rng_state()), ckpt)
+                                    seen=seen, gen=gen.get_state(), rng=common.rng_state(), config=config), ckpt)
             export_backbone(ema, out, args, step, seen)
     bar.close()
     print(f"saved {out} (step {step}, {seen} samples)")
@@ -748,32 +754,38 @@ def cmd_eval_base(args):
     model = load_backbone(args.family, args.ckpt)
     tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
     concepts = random_concepts(args.n, torch.Generator().manual_seed(args.seed), heldout=True)
+    image = args.frames == 1  # single frames: appearance alone, with the pretraining's still-image captions
+    if image:
+        concepts = [dict(c, motion="still") for c in concepts]
     near = dict(colour=SUBJECT["colour"], shape=NEAREST[SUBJECT["shape"]], pattern=NEAREST[SUBJECT["pattern"]],
                 motion=NEAREST["zigzag"], background="white")
-    prompts = [caption(c) for c in concepts] + [caption(near)] * args.n_novel
+    n_novel = 0 if image else args.n_novel
+    prompts = [caption(c, image=image) for c in concepts] + [caption(near)] * n_novel
     text = common.encode_prompts(tok, enc, prompts, MAX_TOKENS, fam["zero_pad"])
     uncond = common.encode_prompts(tok, enc, [""], MAX_TOKENS, fam["zero_pad"])
     gen, videos = torch.Generator().manual_seed(args.seed), []
     for i in range(0, len(prompts), args.batch):
-        videos.append(sample(args.family, model, text[i:i + args.batch], uncond, args.steps, args.cfg, gen=gen))
+        videos.append(sample(args.family, model, text[i:i + args.batch], uncond, args.steps, args.cfg,
+                             frames=args.frames, gen=gen))
     videos = torch.cat(videos)
     hits = [prompt_following(v, c) for v, c in zip(videos, concepts)]
-    result = {k: sum(h[k] for h in hits) / len(hits) for k in hits[0]}
-    images, _ = subject_images()
-    novel = [evaluate(v, images, motion_clip()) for v in videos[len(concepts):]]
-    result.update({f"novel_{k}": sum(m[k] for m in novel) / len(novel) for k in ("identity", "motion")})
-    print(f"toy {args.family}, {args.n} held-out prompts, {args.steps} steps, cfg {args.cfg}: "
+    result = {k: sum(h[k] for h in hits) / len(hits) for k in hits[0] if not (image and k == "motion")}
+    if n_novel:
+        images, _ = subject_images()
+        novel = [evaluate(v, images, motion_clip()) for v in videos[len(concepts):]]
+        result.update({f"novel_{k}": sum(m[k] for m in novel) / len(novel) for k in ("identity", "motion")})
+    print(f"toy {args.family}, {args.n} held-out prompts, {args.frames} frames, {args.steps} steps, cfg {args.cfg}: "
           + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
     if args.gif:  # one row per prompt: the prompt rendered | the sample
         shown = range(min(8, len(concepts)))
-        truth = render([concepts[i] for i in shown], torch.Generator().manual_seed(args.seed))
+        truth = render([concepts[i] for i in shown], torch.Generator().manual_seed(args.seed), frames=args.frames)
         rows = [common.side_by_side([truth[i], videos[i]]) for i in shown]
         common.write_video(args.gif, torch.cat(rows, dim=-2), fps=4, upscale=3)
         print(f"wrote {args.gif} (left: the prompt rendered, right: the model's sample)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(result, family=args.family, n=args.n, steps=args.steps,
-                                                   cfg=args.cfg, seed=args.seed), indent=2))
+        Path(args.json).write_text(json.dumps(dict(result, family=args.family, n=args.n, frames=args.frames,
+                                                   steps=args.steps, cfg=args.cfg, seed=args.seed), indent=2))
     return result
 
 
@@ -791,6 +803,8 @@ def main(argv=None):
     pt.add_argument("--image-every", type=int, default=8, help="every k-th batch is single frames (0: never)")
     pt.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of empty prompts, for guidance")
     pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--config", help="JSON overrides of the family's model config, e.g. '{\"num_attention_heads\": 4}' "
+                                     "(a wider model); stored in the checkpoint and the exported file")
     pt.add_argument("--out", help="exported EMA weights (default assets/toy_FAMILY.safetensors)")
     pt.add_argument("--ckpt", help="training state (default out/pretrain/FAMILY/ckpt.pt)")
     pt.add_argument("--resume", action="store_true", help="continue from --ckpt, else from the exported weights")
@@ -806,6 +820,7 @@ def main(argv=None):
     eb.add_argument("--ckpt", help="backbone file (default assets/toy_FAMILY.safetensors)")
     eb.add_argument("--n", type=int, default=64, help="held-out prompts")
     eb.add_argument("--n-novel", type=int, default=8, help="samples of the nearest familiar prompt to the novel task")
+    eb.add_argument("--frames", type=int, default=NUM_FRAMES, help="1: single frames, appearance only")
     eb.add_argument("--steps", type=int, default=20)
     eb.add_argument("--cfg", type=float, default=4.0)
     eb.add_argument("--batch", type=int, default=16)
