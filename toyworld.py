@@ -493,9 +493,10 @@ def pretrain(args):
         config, step, seen = state.get("config", config), state["step"], state["seen"]
     elif args.resume and out.is_file():  # a shipped checkpoint: continue from its EMA weights, fresh optimiser
         from safetensors import safe_open
+        from safetensors.torch import load_file
         with safe_open(str(out), "pt") as f:
             meta = f.metadata()
-        weights = load_backbone(args.family, out).state_dict()
+        weights = load_file(str(out))  # loaded into the model built below from the file's own config
         config, step, seen = json.loads(meta["config"]), int(meta["steps"]), int(meta["samples_seen"])
         gen.manual_seed(args.seed + step)
     elif args.resume:
