@@ -62,12 +62,12 @@ REAL = {
 TINY_TEXT = {"wan": 32, "cogvideox": 32, "unet3d": 32}  # the toy configs' text widths
 
 # the settings measured: (name, latent shape at real size, latent shape at --tiny); Wan and ZeroScope latents are
-# (B, C, F', h, w), CogVideoX's (B, F', C, h, w). Toy latents: 48 channels, 9 frames of 8x8 (toyworld's pixel VAE)
+# (B, C, F', h, w), CogVideoX's (B, F', C, h, w). Toy latents: 8 channels, 9 frames of 8x8 (toyworld's VAE)
 SETTINGS = {
-    "smrabooth": [("LoRA 49x480x832", (1, 16, 13, 60, 104), (1, 48, 9, 8, 8)),
-                  ("motion+MoRA 49x320x576", (1, 16, 13, 40, 72), (1, 48, 9, 8, 8))],
-    "jointtuner": [("AiT 16x384x384", (1, 4, 16, 48, 48), (1, 48, 9, 8, 8))],
-    "dualreal": [("v-loss 49x480x720", (1, 13, 16, 60, 90), (1, 9, 48, 8, 8))],
+    "smrabooth": [("LoRA 49x480x832", (1, 16, 13, 60, 104), (1, 8, 9, 8, 8)),
+                  ("motion+MoRA 49x320x576", (1, 16, 13, 40, 72), (1, 8, 9, 8, 8))],
+    "jointtuner": [("AiT 16x384x384", (1, 4, 16, 48, 48), (1, 8, 9, 8, 8))],
+    "dualreal": [("v-loss 49x480x720", (1, 13, 16, 60, 90), (1, 9, 8, 8, 8))],
 }
 
 
@@ -223,9 +223,9 @@ def flow_loss(transformer, z0, text, shift, gen, mora=None):
 
 def mora_pieces(tiny, device, frames, height, width, window):
     """MoRA's frozen decoder and flow network: AutoencoderKLWan() and torchvision raft_large (random weights), fp32
-    as in the method; the toy world's pixel VAE and toy flow with --tiny. ref_flow is random (B, F - 1, 2, H, W)."""
+    as in the method; the toy world's VAE and toy flow with --tiny. ref_flow is random (B, F - 1, 2, H, W)."""
     if tiny:
-        vae, flow = toyworld.PixelVAE(), toyworld.toy_flow
+        vae, flow = toyworld.load_vae(), toyworld.toy_flow
     else:
         from diffusers import AutoencoderKLWan
         from torchvision.models.optical_flow import raft_large

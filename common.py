@@ -341,10 +341,10 @@ class StepLog:
 
 def load_cogvideox(model, sampler, dtype):
     """CogVideoX (transformer, VAE, T5 and its tokenizer, the DPM or DDIM sampler of the model's scheduler config)
-    from a hub id or local folder, or the toy world's tiny CogVideoX and pixel VAE for model='toy'."""
+    from a hub id or local folder, or the toy world's tiny CogVideoX and VAE for model='toy'."""
     if model == "toy":
         import toyworld
-        return dict(transformer=toyworld.load_backbone("cogvideox"), vae=toyworld.PixelVAE(),
+        return dict(transformer=toyworld.load_backbone("cogvideox"), vae=toyworld.load_vae_for("cogvideox"),
                     tokenizer=toyworld.tokenizer("t5"), text_encoder=toyworld.text_encoder("t5"),
                     scheduler=toyworld.noise_schedule("cogvideox"))
     from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,

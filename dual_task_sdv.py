@@ -116,7 +116,7 @@ def parse_args(argv=None):
     return args
 
 
-# toy world: 9 frames of 32x32 (48 x 9 x 8 x 8 latents: 64 tokens a frame), text MAX_TOKENS; a smaller LoRA for a
+# toy world: 9 frames of 32x32 (8 x 9 x 8 x 8 latents: 64 tokens a frame), text MAX_TOKENS; a smaller LoRA for a
 # 64-wide model (alpha/rank = 0.5 as the paper's), a larger lr, a short warm-up. Steps: see the README timing.
 TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, steps=20, cfg=4.0, sampler="ddim", rank=16,
            lora_alpha=8, lora_dropout=0.0, iterations=2000, lr=1e-3, warmup=20, pair_batch=4, video_batch=2,

@@ -105,7 +105,7 @@ def parse_args(argv=None):
     return args
 
 
-# the toy world: 9 frames of 32x32 in its pixel latent space (576 video + 16 text tokens), its pretrained tiny
+# the toy world: 9 frames of 32x32 in its VAE's latent space (576 video + 16 text tokens), its pretrained tiny
 # CogVideoX (4 blocks, so 4 groups), its DDIM sampler, fewer sampling steps; max_text_len = toyworld.MAX_TOKENS.
 # Training keeps the paper's 1000 steps, warm-up and batches (motion 3, identity 1): ~65 ms a step on one core of a
 # loaded 2-core machine, the whole run (train + sample) ~75 s
@@ -339,7 +339,7 @@ def load_adapters(transformer, path):
 
 @torch.no_grad()
 def encode_video(vae, video):
-    """(B, F, 3, H, W) in [-1, 1] -> (B, F', C, h, w) x scaling_factor (0.7; 1 for the toy pixel VAE). The posterior
+    """(B, F, 3, H, W) in [-1, 1] -> (B, F', C, h, w) x scaling_factor (0.7; the toy VAE's own). The posterior
     mean (the diffusers example samples it once)."""
     z = vae.encode(video.transpose(1, 2).to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
     return z.float().transpose(1, 2)

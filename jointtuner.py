@@ -106,7 +106,7 @@ def parse_args(argv=None):
     return args
 
 
-# the toy world: 9 frames of 32x32 in its pixel latent space, its pretrained tiny UNet3D, fewer sampling steps,
+# the toy world: 9 frames of 32x32 in its VAE's latent space, its pretrained tiny UNet3D, fewer sampling steps,
 # a larger batch and lr; 800 iterations (400 image + 400 video) take ~0.2 s each on one CPU core
 TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, lr=1e-3, batch=4, iterations=800, steps=20,
            cfg=4.0, num_samples=4)
@@ -160,10 +160,10 @@ def read_inputs(args):
 
 def load_models(args, device, dtype):
     """ZeroScope/ModelScope (3D UNet, SD VAE, CLIP text encoder and tokenizer, DDIM) from a hub id / local folder,
-    or the toy world's tiny UNet3D, pixel VAE and CLIP for --model toy."""
+    or the toy world's tiny UNet3D, VAE and CLIP for --model toy."""
     if args.model == "toy":
         import toyworld
-        m = dict(unet=toyworld.load_backbone("unet3d"), vae=toyworld.PixelVAE(), tokenizer=toyworld.tokenizer("clip"),
+        m = dict(unet=toyworld.load_backbone("unet3d"), vae=toyworld.load_vae_for("unet3d"), tokenizer=toyworld.tokenizer("clip"),
                  text_encoder=toyworld.text_encoder("clip"), scheduler=toyworld.noise_schedule("unet3d"))
     else:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel

@@ -176,7 +176,7 @@ def load_models(args, device, dtype):
     from diffusers import FlowMatchEulerDiscreteScheduler
     if args.model == "toy":
         import toyworld
-        m = dict(transformer=toyworld.load_backbone("wan"), vae=toyworld.PixelVAE(),
+        m = dict(transformer=toyworld.load_backbone("wan"), vae=toyworld.load_vae_for("wan"),
                  tokenizer=toyworld.tokenizer("t5"), text_encoder=toyworld.text_encoder("umt5"),
                  dino=toyworld.image_encoder("dinov2"), flow=toyworld.toy_flow,  # stand-ins for DINOv2 and RAFT
                  scheduler=FlowMatchEulerDiscreteScheduler(shift=args.shift))
@@ -307,7 +307,7 @@ def window(vae, num_latents, k, size):
     """Sliding-window decode plan (supplement 2.2): decode latents k..k+size-1 (6 -> 1 + 4 * 5 = 21 frames), drop
     the first 5 decoded frames (the causal VAE's warm-up: the first latent's frame and the next latent's 4) and keep
     16 = reference frames 4k+5 .. 4k+20. Returns (start, end, dropped, reference indices of the kept frames).
-    Without temporal compression (the toy pixel VAE) the window is the whole clip and nothing is dropped."""
+    Without temporal compression (the toy VAE, frame by frame) the window is the whole clip and nothing is dropped."""
     t = vae.config.scale_factor_temporal
     if t == 1:
         return 0, num_latents, 0, list(range(num_latents))

@@ -4,11 +4,14 @@ No real weights can be downloaded where this project runs, and random tiny model
 file renders procedural videos (a sprite = shape x colour x pattern, moving along a trajectory over a plain
 background, 9 frames of 32x32), writes their captions, and keeps some shapes, a pattern and a motion out of
 pretraining: those are the *novel subjects and motions* that customization must teach, as a user's dog or dance
-is new to a real backbone. It also holds the toy backbones (the real diffusers classes at tiny size), their
-pretraining, frozen tiny stand-ins for the papers' encoders (text encoders, DINOv2, CLIP vision, RAFT), and the
-toy metrics, measured from pixels against the known rendering (no learned classifier).
+is new to a real backbone. It also holds the toy VAE and the toy backbones (the real diffusers classes at tiny size,
+diffusing in that VAE's latents as the real models do), their training, frozen tiny stand-ins for the papers'
+encoders (text encoders, DINOv2, CLIP vision, RAFT), and the toy metrics, measured from pixels against the known
+rendering (no learned classifier).
 
-    python toyworld.py pretrain --family wan            # or cogvideox / unet3d; --resume continues
+    python toyworld.py train-vae                        # the toy VAE (assets/toy_vae); --resume continues
+    python toyworld.py eval-vae                         # the toy metrics of clips sent through it
+    python toyworld.py pretrain --family wan            # or cogvideox / unet3d, in the VAE's latents; --resume
     python toyworld.py eval VIDEO --subject assets/toy/subject --motion assets/toy/motion
     python toyworld.py eval-base --family wan           # prompt following of a pretrained toy backbone
     python toyworld.py make-assets                      # re-create assets/ (encoders, tokenizer, toy inputs)
@@ -23,6 +26,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
 import common
 
@@ -172,9 +178,159 @@ def render(concepts, gen=None, frames=NUM_FRAMES, centres=None, masks=False):
 
 
 # -----------------------------------------------------------------------------
-# the toy "VAE": pixels rearranged, no weights. Space-to-depth by 4 turns a (3, F, 32, 32) clip into a
-# (48, F, 8, 8) latent, as a real VAE turns pixels into a smaller grid of more channels, but losslessly. So a
-# token of a patch-1 transformer sees the same 4x4 pixels a patch-4 one would, and the UNet runs at 8x8.
+# the toy VAE: Wan, CogVideoX and ZeroScope all diffuse in the latent space of a VAE whose decoder draws the
+# pixels. A tiny diffusers AutoencoderKL (ZeroScope's class, applied frame by frame as ZeroScope applies it) is
+# trained here on frames of every concept, novel ones included: a real VAE has seen every kind of image, while the
+# backbones still never see a novel concept. It turns a 32x32 frame into 8 channels at 8x8.
+
+VAE_CONFIG = dict(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                  block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=8, norm_num_groups=8,
+                  sample_size=SIZE, mid_block_add_attention=False)
+
+
+class FrameVAE(AutoencoderKL):
+    """AutoencoderKL with the video interface of Wan's and CogVideoX's VAEs: encode(x).latent_dist and
+    decode(z).sample take (B, C, F, H, W) (each frame on its own, no temporal compression) as well as images."""
+
+    def encode(self, x, return_dict=True):
+        if x.ndim == 4:
+            return super().encode(x, return_dict)
+        moments = self._encode(x.transpose(1, 2).flatten(0, 1))  # (B F, 2C, h, w): mean and log-variance
+        dist = DiagonalGaussianDistribution(moments.unflatten(0, (x.shape[0], -1)).transpose(1, 2))
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, z, return_dict=True, generator=None):
+        if z.ndim == 4:
+            return super().decode(z, return_dict)
+        x = super().decode(z.transpose(1, 2).flatten(0, 1)).sample.unflatten(0, (z.shape[0], -1)).transpose(1, 2)
+        return DecoderOutput(sample=x) if return_dict else (x,)
+
+
+def vae_path():
+    return ASSETS / "toy_vae"
+
+
+def vae_fingerprint(path=None):
+    """The first 16 hex digits of the SHA-256 of the VAE's weights: pretrained backbones record it."""
+    import hashlib
+    weights = Path(path or vae_path()) / "diffusion_pytorch_model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else "none"
+
+
+def load_vae(path=None):
+    """The trained toy VAE (a diffusers folder), with the config fields the Wan and CogVideoX pipelines read."""
+    path = Path(path or vae_path())
+    if not (path / "config.json").is_file():
+        common.fail(f"no toy VAE at {path}: run python toyworld.py train-vae")
+    vae = FrameVAE.from_pretrained(path)
+    c = vae.config.latent_channels
+    vae.register_to_config(z_dim=c, scale_factor_temporal=1, temporal_compression_ratio=1,
+                           scale_factor_spatial=2 ** (len(vae.config.block_out_channels) - 1))
+    return vae.eval().requires_grad_(False)
+
+
+def load_vae_for(family, path=None):
+    """The VAE whose latents a toy backbone file was trained in: the toy VAE, or, for a file of toy world v1 (no
+    'vae' in its metadata), v1's pixel VAE."""
+    from safetensors import safe_open
+    path = Path(path or backbone_path(family))
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            if "vae" not in f.metadata():
+                return PixelVAE()
+    return load_vae()
+
+
+def random_frames(n, gen):
+    """n frames of clips of any concept (every shape, pattern, colour, background and motion), one random frame
+    of each, so the sprites sit wherever the clips put them."""
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]
+    concepts = [dict(colour=pick(list(COLOURS)), shape=pick(SHAPES), pattern=pick(PATTERNS), motion=pick(MOTIONS),
+                     background=pick(list(BACKGROUNDS))) for _ in range(n)]
+    clips = render(concepts, gen)
+    return clips[torch.arange(n), torch.randint(NUM_FRAMES, (n,), generator=gen)]
+
+
+@torch.no_grad()
+def latent_statistics(vae, gen, n=1024):
+    """Per-channel mean and std, and 1 / overall std, of the latents (the mode) of n random frames: the real VAEs'
+    configs hold these (Wan: latents_mean / latents_std; CogVideoX and ZeroScope: scaling_factor)."""
+    z = torch.cat([vae.encode(random_frames(256, gen)).latent_dist.mode() for _ in range(n // 256)])
+    mean, std = z.mean((0, 2, 3)), z.std((0, 2, 3))
+    return dict(latents_mean=mean.tolist(), latents_std=std.tolist(), scaling_factor=float(1 / z.std()))
+
+
+def train_vae(args):
+    """MSE reconstruction + a small KL term (the beta-VAE of Stable Diffusion's autoencoder, without its GAN and
+    perceptual losses: the toy world's images are flat colours, where MSE alone is sharp enough)."""
+    import imageio.v3 as iio
+    from diffusers.optimization import get_constant_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+    from tqdm import tqdm
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    out, ckpt = Path(args.out or vae_path()), Path(args.ckpt or "out/vae/ckpt.pt")
+    vae, step = FrameVAE(**dict(VAE_CONFIG, latent_channels=args.latent_channels)).train(), 0
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = get_constant_schedule_with_warmup(opt, args.warmup)
+    # the exported weights are an EMA: at a constant lr the raw weights' reconstructions of the patterns swing from
+    # one save to the next (pattern 0.89 at step 2000, 0.63 at 2500 in a run without it)
+    ema = EMAModel(vae.parameters(), decay=args.ema)
+    if args.resume:
+        if not ckpt.is_file():
+            common.fail(f"--resume: no training state at {ckpt}")
+        state = common.load_checkpoint(ckpt)
+        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
+        ema.load_state_dict(state["ema"]), gen.set_state(state["gen"]), common.set_rng_state(state["rng"])
+        step = state["step"]
+    print(f"training the toy VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, "
+          f"from step {step} to {args.steps}, batch {args.batch}")
+    fixed = random_frames(8, torch.Generator().manual_seed(12345))  # the reconstructions written while training
+    log = common.StepLog(ckpt.parent / "log.jsonl", every=args.log_every, append=args.resume)
+    bar = tqdm(total=args.steps, initial=step, disable=None)
+    while step < args.steps:
+        x = random_frames(args.batch, gen)
+        dist = vae.encode(x).latent_dist
+        rec = vae.decode(dist.sample(generator=gen)).sample
+        mse, kl = F.mse_loss(rec, x), dist.kl().mean() / x[0].numel()  # KL per pixel value, like the MSE
+        loss = mse + args.kl * kl
+        common.check_finite(loss, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step(), sched.step(), ema.step(vae.parameters())
+        step += 1
+        bar.update(1)
+        log(step, bar, mse=mse.item(), kl=kl.item())
+        if step % args.save_every == 0 or step == args.steps:
+            common.save_atomic(dict(model=vae.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step,
+                                    ema=ema.state_dict(), gen=gen.get_state(), rng=common.rng_state()), ckpt)
+            with torch.no_grad():
+                ema.store(vae.parameters()), ema.copy_to(vae.parameters()), vae.eval()  # the EMA weights, for now
+                rec = vae.decode(vae.encode(fixed).latent_dist.mode()).sample
+                grid = torch.cat([torch.cat(list(fixed), -1), torch.cat(list(rec), -1)], -2)  # top: input
+                iio.imwrite(ckpt.parent / "reconstructions.png", common.to_uint8(grid).repeat(3, 0).repeat(3, 1))
+                export_vae(vae, out, latent_statistics(vae, torch.Generator().manual_seed(args.seed)), step)
+                ema.restore(vae.parameters()), vae.train()
+    bar.close()
+    print(f"saved {out} (step {step})")
+
+
+def export_vae(vae, out, stats, step):
+    """A diffusers folder that AutoencoderKL.from_pretrained loads, written next to `out` and moved into place."""
+    import shutil
+    final = AutoencoderKL.from_config(vae.config, **stats)  # saved as the plain diffusers class
+    final.load_state_dict(vae.state_dict())
+    tmp = Path(str(out) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    final.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(dict(steps=step), indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+# toy world v1's "VAE", kept only while v1 backbones are shipped (they were pretrained in it): space-to-depth by 4
+# turns a (3, F, 32, 32) clip into a (48, F, 8, 8) latent, losslessly, with no weights.
 
 
 class _Latents:
@@ -360,10 +516,10 @@ def toy_flow(a, b, levels=None, iters=20, warps=2, alpha=0.2, min_size=8):
 
 
 # -----------------------------------------------------------------------------
-# toy backbones: the real diffusers classes at tiny size, in the pixel-VAE latent space (48 x F x 8 x 8)
+# toy backbones: the real diffusers classes at tiny size, in the toy VAE's latent space (8 x F x 8 x 8)
 
-LATENT_CHANNELS = 3 * PixelVAE.factor ** 2
-FAMILIES = {  # each family keeps its real objective, text encoder and prompt convention
+LATENT_CHANNELS = VAE_CONFIG["latent_channels"]
+FAMILIES = {  # each family keeps its real objective, text encoder, prompt convention and latent normalisation
     "wan": dict(cls="WanTransformer3DModel", pred="flow", text="umt5", zero_pad=True, shift=1.0, config=dict(
         patch_size=(1, 1, 1), num_attention_heads=2, attention_head_dim=32, in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS, text_dim=32, freq_dim=32, ffn_dim=256, num_layers=4, rope_max_seq_len=32)),
@@ -372,8 +528,6 @@ FAMILIES = {  # each family keeps its real objective, text encoder and prompt co
         time_embed_dim=64, text_embed_dim=32, num_layers=4, sample_width=8, sample_height=8,
         sample_frames=NUM_FRAMES, patch_size=1, temporal_compression_ratio=1, max_text_seq_length=MAX_TOKENS,
         use_rotary_positional_embeddings=True)),
-    # the UNet's first width must not be below the 48 latent channels: an epsilon-predictor squeezed through 32
-    # channels cannot even return the noise it was given (loss stuck at ~1/3 at every t, samples pure noise)
     "unet3d": dict(cls="UNet3DConditionModel", pred="eps", text="clip", zero_pad=False, config=dict(
         sample_size=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
@@ -409,6 +563,9 @@ def load_backbone(family, path=None, require=False):
     model = build_backbone(family, json.loads(meta["config"]))
     model.load_state_dict(load_file(str(path)))
     print(f"toy {family} backbone: {path.name}, pretrained {meta['steps']} steps, {meta['samples_seen']} samples")
+    if "vae" in meta and meta["vae"] != vae_fingerprint():  # it only understands the latents it was trained in
+        print(f"warning: {path.name} was pretrained in the latents of another toy VAE than {vae_path()}; "
+              f"its samples will not make sense (python toyworld.py pretrain --family {family} retrains it)")
     return model.eval().requires_grad_(False)
 
 
@@ -426,7 +583,8 @@ def noise_schedule(family):
     # first steps is its small error times ~15: a young toy UNet's estimates there are worse than guessing 0 (mean
     # squared error 1.7 at t = 999 against a data variance of 0.5, measured at 88k samples) and its samples stay
     # noise. The toy latents are pixels in [-1, 1], so x0 is clipped to that range at each step, as pixel-space
-    # DDPM/DDIM do; ZeroScope's own latents are unbounded and its scheduler (the real run's) does not clip.
+    # DDPM/DDIM do; ZeroScope's own latents are unbounded and its scheduler (the real run's) does not clip. (That is
+    # toy world v1's pixel VAE; the clip goes with it when a toy UNet3D pretrained in the toy VAE's latents ships.)
     return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=True,
                          clip_sample_range=1.0, set_alpha_to_one=False, steps_offset=1)
 
@@ -450,19 +608,41 @@ def sample_timesteps(family, n, gen):
     return torch.randint(0, 1000, (n,), generator=gen)
 
 
+def encode_latents(family, vae, video):
+    """Clips (B, F, 3, H, W) -> the family's diffusion latents (B, C, F, h, w): the posterior mean normalised as the
+    real pipelines do, per channel with latents_mean / latents_std (Wan) or times scaling_factor (the others)."""
+    z = vae.encode(video.transpose(1, 2)).latent_dist.mode()
+    if family == "wan":
+        mean, std = (torch.tensor(getattr(vae.config, k), device=z.device).view(1, -1, 1, 1, 1)
+                     for k in ("latents_mean", "latents_std"))
+        return (z - mean) / std
+    return z * vae.config.scaling_factor
+
+
+def decode_latents(family, vae, z):
+    """The inverse of encode_latents, through the VAE's decoder: clips (B, F, 3, H, W) in [-1, 1]."""
+    if family == "wan":
+        mean, std = (torch.tensor(getattr(vae.config, k), device=z.device).view(1, -1, 1, 1, 1)
+                     for k in ("latents_mean", "latents_std"))
+        z = z * std + mean
+    else:
+        z = z / vae.config.scaling_factor
+    return vae.decode(z).sample.transpose(1, 2).clamp(-1, 1)
+
+
 @torch.no_grad()
-def sample(family, model, text, uncond, steps=20, cfg=4.0, frames=NUM_FRAMES, gen=None):
+def sample(family, model, vae, text, uncond, steps=20, cfg=4.0, frames=NUM_FRAMES, gen=None):
     """Plain text-to-video sampling with batched classifier-free guidance; returns videos (B, F, 3, 32, 32)."""
     sched = noise_schedule(family)
     sched.set_timesteps(steps)
-    n, dev = text.shape[0], text.device
-    z = torch.randn(n, LATENT_CHANNELS, frames, SIZE // 4, SIZE // 4, generator=gen).to(dev)
+    n, dev, s = text.shape[0], text.device, vae.config.scale_factor_spatial
+    z = torch.randn(n, vae.config.latent_channels, frames, SIZE // s, SIZE // s, generator=gen).to(dev)
     cond = torch.cat([text, uncond.expand_as(text)])
     for t in sched.timesteps:
         out = backbone_forward(family, model, torch.cat([z, z]), t.expand(2 * n).to(dev), cond)
         c, u = out.chunk(2)
         z = sched.step(u + cfg * (c - u), t, z).prev_sample
-    return PixelVAE().decode(z).sample.transpose(1, 2).clamp(-1, 1)
+    return decode_latents(family, vae, z)
 
 
 # -----------------------------------------------------------------------------
@@ -474,7 +654,7 @@ def export_backbone(ema, path, args, step, seen):
     from safetensors.torch import save_file
     meta = dict(family=args.family, config=json.dumps(ema.config), seed=str(args.seed), steps=str(step),
                 samples_seen=str(seen), batch=str(args.batch), lr=str(args.lr), ema=str(args.ema),
-                image_every=str(args.image_every), cfg_drop=str(args.cfg_drop))
+                image_every=str(args.image_every), cfg_drop=str(args.cfg_drop), vae=vae_fingerprint())
     common.save_atomic({k: v.cpu().contiguous() for k, v in ema.state_dict().items()}, path,
                        lambda sd, p: save_file(sd, p, metadata=meta))
 
@@ -496,6 +676,8 @@ def pretrain(args):
         from safetensors.torch import load_file
         with safe_open(str(out), "pt") as f:
             meta = f.metadata()
+        if "vae" not in meta:
+            common.fail(f"--resume: {out} was pretrained in toy world v1's pixel latents; pretrain from scratch")
         weights = load_file(str(out))  # loaded into the model built below from the file's own config
         config, step, seen = json.loads(meta["config"]), int(meta["steps"]), int(meta["samples_seen"])
         gen.manual_seed(args.seed + step)
@@ -512,7 +694,7 @@ def pretrain(args):
     print(f"pretraining toy {args.family} on {dev}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
           f"parameters, from step {step} to {args.steps}, batch {args.batch}")
     tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
-    cache, sched, vae = {}, noise_schedule(args.family), PixelVAE()
+    cache, sched, vae = {}, noise_schedule(args.family), load_vae().to(dev)
     log = common.StepLog(ckpt.parent / "log.jsonl", every=args.log_every, append=args.resume)
 
     bar = tqdm(total=args.steps, initial=step, disable=None)
@@ -525,7 +707,8 @@ def pretrain(args):
         drop = torch.rand(args.batch, generator=gen) < args.cfg_drop  # empty prompts, for guidance
         prompts = ["" if d else caption(c, image=image) for c, d in zip(concepts, drop)]
         text = common.encode_prompts(tok, enc, prompts, MAX_TOKENS, fam["zero_pad"], cache)
-        z0 = vae.encode(video.transpose(1, 2)).latent_dist.sample()
+        with torch.no_grad():
+            z0 = encode_latents(args.family, vae, video.to(dev)).cpu()
         noise = torch.randn(z0.shape, generator=gen)
         t = sample_timesteps(args.family, args.batch, gen)
         z_t, target = common.noisy_and_target(fam["pred"], z0, noise, t, getattr(sched, "alphas_cumprod", None))
@@ -747,12 +930,35 @@ def cmd_eval(args):
     return rows
 
 
+@torch.no_grad()
+def cmd_eval_vae(args):
+    """The toy metrics of clips sent through the VAE and back: prompt following on clips of held-out combinations,
+    the bundled subject's identity and the bundled zigzag's motion (and sprite)."""
+    vae, gen = load_vae(args.vae), torch.Generator().manual_seed(args.seed)
+    through = lambda v: vae.decode(vae.encode(v.transpose(1, 2)).latent_dist.mode()).sample.transpose(1, 2).clamp(-1, 1)
+    concepts = random_concepts(args.n, gen, heldout=True)
+    clips = torch.cat([through(render(concepts[i:i + 16], gen)) for i in range(0, args.n, 16)])
+    hits = [prompt_following(v, c) for v, c in zip(clips, concepts)]
+    result = {k: sum(h[k] for h in hits) / len(hits) for k in hits[0]}
+    images, motion = subject_images()[0], motion_clip()
+    subj, rec_motion = through(images[:, None])[:, 0], through(motion[None])[0]
+    result["subject_identity"] = sum(factor_match(x[None], SUBJECT) for x in subj) / len(subj)
+    result["zigzag_identity"] = factor_match(rec_motion, MOTION_SPRITE)
+    result["zigzag_motion"] = motion_score(centroids(segment(rec_motion)[1]), centroids(segment(motion)[1]))
+    print(f"toy VAE, {args.n} held-out clips and the bundled subject and motion, reconstructed: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(result, n=args.n, seed=args.seed), indent=2))
+    return result
+
+
 def cmd_eval_base(args):
     """Prompt following of a (pretrained) toy backbone on held-out combinations of familiar words, and how far
     its nearest familiar prompt gets to the novel subject and motion (it should not get there)."""
     fam = FAMILIES[args.family]
     torch.manual_seed(args.seed)  # the random stand-in, when no pretrained backbone exists yet, is seeded too
-    model = load_backbone(args.family, args.ckpt)
+    model, vae = load_backbone(args.family, args.ckpt), load_vae_for(args.family, args.ckpt)
     tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
     concepts = random_concepts(args.n, torch.Generator().manual_seed(args.seed), heldout=True)
     image = args.frames == 1  # single frames: appearance alone, with the pretraining's still-image captions
@@ -766,7 +972,7 @@ def cmd_eval_base(args):
     uncond = common.encode_prompts(tok, enc, [""], MAX_TOKENS, fam["zero_pad"])
     gen, videos = torch.Generator().manual_seed(args.seed), []
     for i in range(0, len(prompts), args.batch):
-        videos.append(sample(args.family, model, text[i:i + args.batch], uncond, args.steps, args.cfg,
+        videos.append(sample(args.family, model, vae, text[i:i + args.batch], uncond, args.steps, args.cfg,
                              frames=args.frames, gen=gen))
     videos = torch.cat(videos)
     hits = [prompt_following(v, c) for v, c in zip(videos, concepts)]
@@ -828,6 +1034,26 @@ def main(argv=None):
     eb.add_argument("--seed", type=int, default=0)
     eb.add_argument("--gif", help="write samples next to the rendered prompts here")
     eb.add_argument("--json")
+    tv = sub.add_parser("train-vae", help="train the toy VAE on frames of every concept (resumable)")
+    tv.add_argument("--steps", type=int, default=4250, help="total optimiser steps (the shipped VAE's)")
+    tv.add_argument("--batch", type=int, default=32, help="frames per step")
+    tv.add_argument("--lr", type=float, default=1e-3)
+    tv.add_argument("--warmup", type=int, default=100)
+    tv.add_argument("--kl", type=float, default=1e-4, help="weight of the KL term (per pixel value)")
+    tv.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights (with warm-up)")
+    tv.add_argument("--latent-channels", type=int, default=VAE_CONFIG["latent_channels"],
+                    help="channels of the 8x8 latent (the toy backbones are built for the default)")
+    tv.add_argument("--seed", type=int, default=0)
+    tv.add_argument("--out", help="the diffusers folder written (default assets/toy_vae)")
+    tv.add_argument("--ckpt", help="training state (default out/vae/ckpt.pt)")
+    tv.add_argument("--resume", action="store_true", help="continue from --ckpt")
+    tv.add_argument("--log-every", type=int, default=50)
+    tv.add_argument("--save-every", type=int, default=250)
+    outer = sub.add_parser("eval-vae", help="toy metrics of clips reconstructed through the toy VAE")
+    outer.add_argument("--vae", help="diffusers folder (default assets/toy_vae)")
+    outer.add_argument("--n", type=int, default=64, help="held-out clips")
+    outer.add_argument("--seed", type=int, default=0)
+    outer.add_argument("--json")
     sub.add_parser("make-assets", help="re-create the shipped encoders and toy subject/motion in assets/")
     args = p.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
@@ -837,6 +1063,10 @@ def main(argv=None):
         return cmd_eval(args)
     if args.cmd == "eval-base":
         return cmd_eval_base(args)
+    if args.cmd == "train-vae":
+        return train_vae(args)
+    if args.cmd == "eval-vae":
+        return cmd_eval_vae(args)
     return make_assets()
 
 

@@ -28,8 +28,8 @@ def _model(acting=False):
 
 def _inputs(n=2, frames=3):
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(n, frames, 48, 8, 8, generator=g), torch.tensor([700, 30][:n]),
-            torch.randn(n, 16, 32, generator=g), torch.randn(n, 1, 48, 8, 8, generator=g))
+    return (torch.randn(n, frames, tw.LATENT_CHANNELS, 8, 8, generator=g), torch.tensor([700, 30][:n]),
+            torch.randn(n, 16, 32, generator=g), torch.randn(n, 1, tw.LATENT_CHANNELS, 8, 8, generator=g))
 
 
 def test_zero_lora_and_no_reference_equals_the_base_transformer():

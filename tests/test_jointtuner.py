@@ -8,6 +8,8 @@ import common
 import jointtuner as jt
 import toyworld as tw
 
+C = tw.LATENT_CHANNELS  # the toy VAE's latent channels
+
 FAST = ["--model", "toy", "--iterations", "4", "--steps", "3", "--batch", "2", "--log-every", "2"]
 
 
@@ -42,7 +44,7 @@ def test_gate_is_one_scalar_per_video_the_mean_of_sigmoid_gx():
 
 def test_a_sample_does_not_depend_on_the_rest_of_its_batch():
     unet, _ = _unet()
-    z, t, text = torch.randn(2, 48, 3, 8, 8), torch.tensor([500, 20]), torch.randn(2, 16, 32)
+    z, t, text = torch.randn(2, C, 3, 8, 8), torch.tensor([500, 20]), torch.randn(2, 16, 32)
     both = unet(z, t, text).sample
     alone = unet(z[:1], t[:1], text[:1]).sample
     assert torch.allclose(both[:1], alone, atol=1e-5), (both[:1] - alone).abs().max()
@@ -57,7 +59,7 @@ def test_zero_B_is_exactly_the_base_model():
     base, _ = _unet(adapters=False)
     wrapped = copy.deepcopy(base)
     jt.add_adapters(wrapped, 8, 0.1, True)
-    z, t, text = torch.randn(1, 48, 3, 8, 8), torch.tensor([300]), torch.randn(1, 16, 32)
+    z, t, text = torch.randn(1, C, 3, 8, 8), torch.tensor([300]), torch.randn(1, 16, 32)
     assert torch.equal(base(z, t, text).sample, wrapped(z, t, text).sample)
 
 
@@ -82,7 +84,7 @@ def test_adapters_file_round_trip_with_and_without_gate(tmp_path):
         fresh = tw.build_backbone("unet3d").eval().requires_grad_(False)
         ad = jt.load_adapters(fresh, tmp_path / "a.safetensors")
         assert len(ad) == 74 and all((a.gate is not None) == gate and not a.training for a in ad.values())
-        z, t, text = torch.randn(2, 48, 3, 8, 8), torch.tensor([500, 20]), torch.randn(2, 16, 32)
+        z, t, text = torch.randn(2, C, 3, 8, 8), torch.tensor([500, 20]), torch.randn(2, 16, 32)
         assert torch.equal(unet(z, t, text).sample, fresh(z, t, text).sample)
 
 
@@ -91,7 +93,7 @@ def test_gradients_reach_only_A_B_and_G(gate):
     unet, ad = _unet(gate=gate)
     unet.train()
     params = jt.trainable(ad, False)["video"]
-    loss = jt.ait_loss(unet, torch.randn(2, 48, 3, 8, 8), torch.randn(2, 16, 32), tw.noise_schedule("unet3d")
+    loss = jt.ait_loss(unet, torch.randn(2, C, 3, 8, 8), torch.randn(2, 16, 32), tw.noise_schedule("unet3d")
                        .alphas_cumprod, torch.Generator().manual_seed(0))
     loss.backward()
     got = {n for n, p in unet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -141,11 +143,11 @@ def test_ofs_runs_the_unet_on_exactly_one_frame():
     unet, _ = _unet()
     seen = []
     unet.register_forward_pre_hook(lambda m, a, k: seen.append(a[0].shape), with_kwargs=True)
-    z0 = jt.pseudo_video(torch.randn(2, 48, 1, 8, 8), 9)
-    assert z0.shape == (2, 48, 9, 8, 8) and torch.equal(z0[:, :, 0], z0[:, :, 8])
+    z0 = jt.pseudo_video(torch.randn(2, C, 1, 8, 8), 9)
+    assert z0.shape == (2, C, 9, 8, 8) and torch.equal(z0[:, :, 0], z0[:, :, 8])
     jt.ofs_loss(unet, z0, torch.randn(2, 16, 32), tw.noise_schedule("unet3d").alphas_cumprod,
                 torch.Generator().manual_seed(0))
-    assert seen == [(2, 48, 1, 8, 8)]
+    assert seen == [(2, C, 1, 8, 8)]
     rec = Recorder()                                              # and the target is that frame's noise
     ac = tw.noise_schedule("unet3d").alphas_cumprod
     loss = jt.ofs_loss(rec, z0, torch.zeros(2, 1, 1), ac, torch.Generator().manual_seed(3))
@@ -163,7 +165,7 @@ def _train_calls(tmp_path, flags, iterations):
     spatial = next(a for a in ad.values() if a.kind == "spatial")
     unet.register_forward_pre_hook(lambda m, a, k: calls.append((a[0].shape[2], spatial.enabled)), with_kwargs=True)
     before = {k: v.clone() for k, v in jt.adapter_state(unet).items()}
-    lat = dict(image=torch.randn(2, 3, 48, 1, 8, 8), video=torch.randn(1, 48, 9, 8, 8))
+    lat = dict(image=torch.randn(2, 3, C, 1, 8, 8), video=torch.randn(1, C, 9, 8, 8))
     text = dict(subject=torch.randn(1, 16, 32), motion=torch.randn(1, 16, 32))
     jt.train(unet, tw.noise_schedule("unet3d").alphas_cumprod, ad, lat, text, args, {}, tmp_path)
     after = jt.adapter_state(unet)
@@ -203,11 +205,11 @@ def test_our_ddim_loop_equals_text_to_video_pipeline():
     from diffusers import TextToVideoSDPipeline
     unet, _ = _unet()                                             # acting adapters: gates in a guidance batch
     sched = tw.noise_schedule("unet3d")
-    pipe = TextToVideoSDPipeline(vae=tw.PixelVAE(), text_encoder=tw.text_encoder("clip"),
+    pipe = TextToVideoSDPipeline(vae=tw.load_vae(), text_encoder=tw.text_encoder("clip"),
                                  tokenizer=tw.tokenizer("clip"), unet=unet, scheduler=copy.deepcopy(sched))
     pipe.set_progress_bar_config(disable=True)
     text, uncond = torch.randn(1, 16, 32), torch.randn(1, 16, 32)
-    noise = torch.randn(1, 48, 9, 8, 8, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(1, C, 9, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = pipe(prompt_embeds=text, negative_prompt_embeds=uncond, height=32, width=32, num_frames=9,
                num_inference_steps=4, guidance_scale=4.0, latents=noise.clone(), output_type="latent").frames
     ours = jt.sample(unet, sched, text, uncond, noise.clone(), 4, 4.0)

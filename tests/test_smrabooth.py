@@ -7,6 +7,8 @@ import common
 import smrabooth as sm
 import toyworld as tw
 
+C = tw.LATENT_CHANNELS  # the toy VAE's latent channels
+
 FAST = ["--model", "toy", "--subject-steps", "4", "--motion-steps", "4", "--steps", "3", "--batch", "2",
         "--log-every", "2"]
 
@@ -25,20 +27,20 @@ def test_hook_takes_the_output_of_block_0():
     model.blocks[0].register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
     model.blocks[1].register_forward_hook(lambda m, i, o: seen.__setitem__("in1", i[0]))
     sm.block0_hook(model, store)
-    model(torch.randn(1, 48, 1, 8, 8), torch.tensor([500.0]), torch.randn(1, 16, 32))
+    model(torch.randn(1, C, 1, 8, 8), torch.tensor([500.0]), torch.randn(1, 16, 32))
     assert store["h"].shape == (1, 64, 64) and torch.equal(store["h"], seen["out"])
     assert torch.equal(store["h"], seen["in1"])  # i.e. what block 1 receives
 
 
 def test_region_loss_ignores_everything_outside_the_mask():
-    v = torch.zeros(1, 48, 1, 8, 8)
+    v = torch.zeros(1, C, 1, 8, 8)
     mask = torch.zeros(1, 1, 32, 32)
     mask[..., :16, :] = 1                                       # top half of the image is the subject
     v_pred = v.clone()
     v_pred[..., 4:, :] = 5.0                                    # errors only in the bottom half of the latent
     assert sm.region_loss(v_pred, v, mask) == 0
     v_pred[..., 0, 0] = 2.0                                     # one error inside the subject
-    assert torch.isclose(sm.region_loss(v_pred, v, mask), torch.tensor(4.0 * 48 / v.numel()))
+    assert torch.isclose(sm.region_loss(v_pred, v, mask), torch.tensor(4.0 * C / v.numel()))
 
 
 def test_one_step_x0_is_exact_for_the_true_velocity():
@@ -66,7 +68,7 @@ def test_window_decode_keeps_reference_frames_4k_plus_5_to_4k_plus_20():
     frames.sum().backward()
     assert z.grad[:, :, 2:8].abs().sum() > 0 and z.grad[:, :, :2].abs().sum() == 0
     # the toy pixel VAE has no temporal compression: the window is the whole clip
-    assert sm.window(tw.PixelVAE(), 9, 0, 6) == (0, 9, 0, list(range(9)))
+    assert sm.window(tw.load_vae(), 9, 0, 6) == (0, 9, 0, list(range(9)))
 
 
 def test_mora_is_zero_for_the_same_motion_and_grows_with_a_shift():
@@ -114,10 +116,10 @@ def test_our_loop_equals_wan_pipeline_when_all_scales_are_1():
     torch.manual_seed(0)
     model = tw.build_backbone("wan").eval()
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    pipe = WanPipeline(tokenizer=tw.tokenizer(), text_encoder=tw.text_encoder("umt5"), vae=tw.PixelVAE(),
+    pipe = WanPipeline(tokenizer=tw.tokenizer(), text_encoder=tw.text_encoder("umt5"), vae=tw.load_vae(),
                        transformer=model, scheduler=copy.deepcopy(sched))
     text, uncond = torch.randn(1, 16, 32), torch.randn(1, 16, 32)
-    noise = torch.randn(1, 48, 9, 8, 8, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(1, C, 9, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = pipe(prompt_embeds=text, negative_prompt_embeds=uncond, height=32, width=32, num_frames=9,
                num_inference_steps=4, guidance_scale=4.0, latents=noise.clone(), output_type="latent").frames
     ours = sm.sample(model, sched, text, uncond, noise.clone(), 4, 4.0)
@@ -132,11 +134,11 @@ def test_gradients_reach_only_the_active_lora_and_the_projector():
     store = {}
     sm.block0_hook(model, store)
     model.set_adapters(["subject"])
-    v = model(torch.randn(2, 48, 1, 8, 8), torch.tensor([500.0, 100.0]), torch.randn(2, 16, 32),
+    v = model(torch.randn(2, C, 1, 8, 8), torch.tensor([500.0, 100.0]), torch.randn(2, 16, 32),
               return_dict=False)[0]
     for p in subject:  # B of LoRA is zero at init: make A's gradient non-zero too
         torch.nn.init.normal_(p, std=0.02)
-    v = model(torch.randn(2, 48, 1, 8, 8), torch.tensor([500.0, 100.0]), torch.randn(2, 16, 32),
+    v = model(torch.randn(2, C, 1, 8, 8), torch.tensor([500.0, 100.0]), torch.randn(2, 16, 32),
               return_dict=False)[0]
     loss = v.pow(2).mean() + sm.sura_loss(store["h"], projector, torch.randn(2, 64, 32))
     loss.backward()
@@ -158,7 +160,7 @@ def test_toy_end_to_end_writes_everything_and_sample_only_reuses_it(tmp_path):
     again = sm.main(FAST + ["--out", str(out), "--sample-only"])
     assert again == metrics  # same LoRAs, same seed: the same clip
     from diffusers import WanPipeline
-    pipe = WanPipeline(tokenizer=tw.tokenizer(), text_encoder=tw.text_encoder("umt5"), vae=tw.PixelVAE(),
+    pipe = WanPipeline(tokenizer=tw.tokenizer(), text_encoder=tw.text_encoder("umt5"), vae=tw.load_vae(),
                        transformer=tw.build_backbone("wan"), scheduler=None)
     pipe.load_lora_weights(str(out / "subject_lora"), adapter_name="subject")
     assert "subject" in pipe.get_list_adapters()["transformer"]
@@ -236,8 +238,8 @@ def test_the_real_loading_path_at_tiny_size(tmp_path):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
     from torchvision.models.optical_flow import raft_small, raft_large
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=C, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * C, latents_std=[1.0] * C)
     pipe = WanPipeline(tokenizer=tw.tokenizer(), text_encoder=tw.text_encoder("umt5"), vae=vae,
                        transformer=tw.build_backbone("wan"),
                        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
@@ -250,12 +252,12 @@ def test_the_real_loading_path_at_tiny_size(tmp_path):
     assert type(m["transformer"]).__name__ == "WanTransformer3DModel" and type(m["vae"]) is AutoencoderKLWan
     assert type(m["scheduler"]).__name__ == "UniPCMultistepScheduler"
     lat = sm.encode_video(m["vae"], torch.zeros(1, 9, 3, 64, 64))
-    assert lat.shape == (1, 48, 3, 8, 8)
+    assert lat.shape == (1, C, 3, 8, 8)
     frames = torch.rand(2, 3, 128, 128) * 2 - 1  # RAFT needs at least 128 px
     assert m["flow"](frames, frames).shape == (2, 2, 128, 128)
     text = common.encode_prompts(m["tokenizer"], m["text_encoder"], ["a sks star"], 16, True)
-    z = sm.sample(m["transformer"], m["scheduler"], text, torch.zeros_like(text), torch.randn(1, 48, 3, 8, 8), 2, 5.0)
-    assert z.shape == (1, 48, 3, 8, 8) and torch.isfinite(z).all()
+    z = sm.sample(m["transformer"], m["scheduler"], text, torch.zeros_like(text), torch.randn(1, C, 3, 8, 8), 2, 5.0)
+    assert z.shape == (1, C, 3, 8, 8) and torch.isfinite(z).all()
 
 
 def test_every_ablation_is_a_valid_flag_set():

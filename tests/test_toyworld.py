@@ -47,14 +47,49 @@ def test_tokenizer_round_trip_and_placeholders():
         <= tw.MAX_TOKENS - 1
 
 
-def test_pixel_vae_is_lossless_and_looks_like_a_vae():
-    vae = tw.PixelVAE()
-    x = torch.rand(2, 3, 9, 32, 32) * 2 - 1
-    z = vae.encode(x).latent_dist.sample()
-    assert z.shape == (2, 48, 9, 8, 8) and torch.equal(vae.decode(z).sample, x)
-    assert vae.encode(x[:, :, 0]).latent_dist.mode().shape == (2, 48, 8, 8)
-    # one latent token holds one 4x4 pixel patch of one frame
-    assert torch.equal(z[0, :, 3, 1, 2].view(3, 4, 4), x[0, :, 3, 4:8, 8:12])
+def test_frame_vae_takes_videos_frame_by_frame_and_images_as_autoencoderkl():
+    torch.manual_seed(0)
+    vae = tw.FrameVAE(**tw.VAE_CONFIG).eval()
+    x = torch.rand(2, 3, 5, 32, 32) * 2 - 1
+    dist = vae.encode(x).latent_dist
+    z = dist.mode()
+    assert z.shape == (2, tw.LATENT_CHANNELS, 5, 8, 8) and dist.logvar.shape == z.shape
+    frame = vae.encode(x[:, :, 3]).latent_dist.mode()  # a 4D image goes through AutoencoderKL unchanged
+    assert frame.shape == (2, tw.LATENT_CHANNELS, 8, 8) and torch.allclose(z[:, :, 3], frame, atol=1e-5)
+    rec = vae.decode(z).sample
+    assert rec.shape == x.shape and torch.allclose(rec[:, :, 3], vae.decode(frame).sample, atol=1e-5)
+
+
+def test_train_vae_resumes_and_exports_a_folder_autoencoderkl_loads(tmp_path):
+    from diffusers import AutoencoderKL
+    out, ckpt = tmp_path / "vae", tmp_path / "state" / "ckpt.pt"
+    flags = ["--batch", "4", "--out", str(out), "--ckpt", str(ckpt), "--log-every", "1", "--save-every", "2"]
+    tw.main(["train-vae", "--steps", "2"] + flags)
+    tw.main(["train-vae", "--steps", "3", "--resume"] + flags)
+    steps = [json.loads(line)["step"] for line in (ckpt.parent / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # the resumed run did only step 3
+    assert json.loads((out / "training.json").read_text())["steps"] == 3
+    assert (ckpt.parent / "reconstructions.png").is_file()
+    plain = AutoencoderKL.from_pretrained(out)  # the real class, with the statistics measured on the data
+    assert len(plain.config.latents_mean) == tw.LATENT_CHANNELS and plain.config.scaling_factor != 0.18215
+    vae = tw.load_vae(out)
+    assert vae.config.scale_factor_temporal == 1 and vae.config.scale_factor_spatial == 4
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), plain.state_dict().values()))
+
+
+def test_the_shipped_vae_reconstructs_the_bundled_subject_and_motion():
+    """Identity of the yellow dotted star and the zigzag's motion survive the trip through the shipped toy VAE."""
+    vae = tw.load_vae()
+    assert sum(p.stat().st_size for p in tw.vae_path().iterdir()) < 10e6
+    r = tw.main(["eval-vae", "--n", "16"])
+    assert r["subject_identity"] >= 0.95 and r["zigzag_motion"] >= 0.95 and r["zigzag_identity"] >= 0.95, r
+    assert min(r[k] for k in ("colour", "shape", "pattern", "background", "motion")) >= 0.9, r
+    for family in tw.FAMILIES:  # each family's normalisation is undone exactly on the way back
+        clip = tw.motion_clip()[None]
+        z = tw.encode_latents(family, vae, clip)
+        direct = vae.decode(vae.encode(clip.transpose(1, 2)).latent_dist.mode()).sample.transpose(1, 2)
+        assert torch.allclose(tw.decode_latents(family, vae, z), direct.clamp(-1, 1), atol=1e-4)
+        assert 0.3 < float(z.std()) < 3  # about unit variance, as the backbones expect
 
 
 def test_the_toy_unet3d_sampler_keeps_x0_in_the_pixel_range():
@@ -75,7 +110,8 @@ def test_backbone_learns_a_fixed_batch_and_samples(family):
     tok, enc = tw.tokenizer("clip" if fam["text"] == "clip" else "t5"), tw.text_encoder(fam["text"])
     concepts = tw.random_concepts(4, gen)
     text = common.encode_prompts(tok, enc, [tw.caption(c) for c in concepts], tw.MAX_TOKENS, fam["zero_pad"])
-    z0 = tw.PixelVAE().encode(tw.render(concepts, gen).transpose(1, 2)).latent_dist.sample()
+    vae = tw.load_vae()
+    z0 = tw.encode_latents(family, vae, tw.render(concepts, gen))
     noise, t = torch.randn(z0.shape, generator=gen), tw.sample_timesteps(family, 4, gen)
     sched = tw.noise_schedule(family)
     z_t, target = common.noisy_and_target(fam["pred"], z0, noise, t, getattr(sched, "alphas_cumprod", None))
@@ -91,7 +127,7 @@ def test_backbone_learns_a_fixed_batch_and_samples(family):
     assert losses[-1] < 0.85 * losses[0], losses
     model.eval()
     uncond = common.encode_prompts(tok, enc, [""], tw.MAX_TOKENS, fam["zero_pad"])
-    video = tw.sample(family, model, text[:2], uncond, steps=3, gen=torch.Generator().manual_seed(0))
+    video = tw.sample(family, model, vae, text[:2], uncond, steps=3, gen=torch.Generator().manual_seed(0))
     assert video.shape == (2, 9, 3, 32, 32) and torch.isfinite(video).all()
 
 
@@ -166,6 +202,21 @@ def test_pretrain_runs_resumes_and_exports(tmp_path):
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["steps"] == "4" and meta["samples_seen"] == "16" and json.loads(meta["config"])["num_layers"] == 4
+    # it was trained in the toy VAE's latents and says so; a file without that record is toy world v1's
+    assert meta["vae"] == tw.vae_fingerprint() and isinstance(tw.load_vae_for("wan", out), tw.FrameVAE)
+
+
+def test_a_toy_world_v1_file_pairs_with_the_pixel_vae_and_is_not_resumed_in_latents(tmp_path):
+    from safetensors.torch import save_file
+    v1 = tmp_path / "v1.safetensors"
+    model = tw.build_backbone("wan", dict(tw.FAMILIES["wan"]["config"], in_channels=48, out_channels=48))
+    save_file(model.state_dict(), str(v1), metadata=dict(family="wan", config=json.dumps(model.config), steps="1",
+                                                         samples_seen="1"))
+    assert isinstance(tw.load_vae_for("wan", v1), tw.PixelVAE)
+    with pytest.raises(SystemExit) as e:
+        tw.main(["pretrain", "--family", "wan", "--steps", "2", "--resume", "--out", str(v1),
+                 "--ckpt", str(tmp_path / "none.pt")])
+    assert e.value.code == 2
 
 
 def test_pretrain_config_override_is_kept_through_resume_and_export(tmp_path):
