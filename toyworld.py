@@ -608,13 +608,18 @@ def sample_timesteps(family, n, gen):
     return torch.randint(0, 1000, (n,), generator=gen)
 
 
+def _wan_statistics(vae, z):
+    """The VAE config's per-channel latents_mean and latents_std, shaped to broadcast over z (B, C, F, h, w)."""
+    return (torch.tensor(getattr(vae.config, k), device=z.device).view(1, -1, 1, 1, 1)
+            for k in ("latents_mean", "latents_std"))
+
+
 def encode_latents(family, vae, video):
     """Clips (B, F, 3, H, W) -> the family's diffusion latents (B, C, F, h, w): the posterior mean normalised as the
     real pipelines do, per channel with latents_mean / latents_std (Wan) or times scaling_factor (the others)."""
     z = vae.encode(video.transpose(1, 2)).latent_dist.mode()
     if family == "wan":
-        mean, std = (torch.tensor(getattr(vae.config, k), device=z.device).view(1, -1, 1, 1, 1)
-                     for k in ("latents_mean", "latents_std"))
+        mean, std = _wan_statistics(vae, z)
         return (z - mean) / std
     return z * vae.config.scaling_factor
 
@@ -622,8 +627,7 @@ def encode_latents(family, vae, video):
 def decode_latents(family, vae, z):
     """The inverse of encode_latents, through the VAE's decoder: clips (B, F, 3, H, W) in [-1, 1]."""
     if family == "wan":
-        mean, std = (torch.tensor(getattr(vae.config, k), device=z.device).view(1, -1, 1, 1, 1)
-                     for k in ("latents_mean", "latents_std"))
+        mean, std = _wan_statistics(vae, z)
         z = z * std + mean
     else:
         z = z / vae.config.scaling_factor
