@@ -26,12 +26,14 @@ VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif")
 # setup
 
 
-def device_and_dtype():
-    """CUDA if present (frozen weights in bf16), else the CPU in fp32. Trainable parameters stay fp32 anyway."""
+def device_and_dtype(choice="auto"):
+    """CUDA if present, else the CPU. Frozen weights: bf16 where the GPU supports it (Ampere and later), else fp32;
+    --dtype overrides. Trainable parameters stay fp32 anyway."""
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+        auto = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.device("cuda"), auto if choice == "auto" else getattr(torch, choice)
+    return torch.device("cpu"), torch.float32 if choice == "auto" else getattr(torch, choice)
 
 
 def seed_everything(seed):

@@ -97,6 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=["dpm", "ddim"], default="dpm")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="frozen weights' dtype (auto: bf16 on a GPU that supports it, else fp32)")
     # run
     p.add_argument("--out", default="out/dual_task_sdv")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
@@ -841,7 +843,7 @@ def main(argv=None):
         data = FolderData(args)
     elif args.mode == "toy":
         data = ToyData(args.toy_pairs, args.toy_videos, args.seed)
-    device, dtype = common.device_and_dtype()
+    device, dtype = common.device_and_dtype(args.dtype)
     common.seed_everything(args.seed)
     m = load_models(args, device, dtype)
     out.mkdir(parents=True, exist_ok=True)

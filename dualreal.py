@@ -81,6 +81,8 @@ def parse_args(argv=None):
                                                                             "for the 5B) or CogVideoXDDIMScheduler")
     p.add_argument("--fps", type=int, default=8, help="of the written videos (CogVideoX: 49 frames at 8 fps)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="frozen weights' dtype (auto: bf16 on a GPU that supports it, else fp32)")
     p.add_argument("--num-samples", type=int, default=1, help="videos sampled from different noise, batched "
                                                                 "(toy metrics: their mean)")
     # ablations (supplement Fig. 4)
@@ -509,7 +511,7 @@ def main(argv=None):
     plan(args, prompts, images, clips)
     if args.dry_run:
         return None
-    device, dtype = common.device_and_dtype()
+    device, dtype = common.device_and_dtype(args.dtype)
     common.seed_everything(args.seed)
     m = load_models(args, device, dtype)
     out.mkdir(parents=True, exist_ok=True)

@@ -200,3 +200,15 @@ def test_write_result_toy_metrics_are_the_mean_over_samples(tmp_path):
     assert (tmp_path / "b" / "result" / "008.png").is_file()  # the first sample's frames
     grid = common.read_video(tmp_path / "b" / "result_grid.mp4", 9)
     assert grid.shape[-1] == 4 * grid.shape[-2]  # subject | motion | both samples
+
+
+def test_bf16_only_where_the_gpu_supports_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100 or a T4
+    assert common.device_and_dtype() == (torch.device("cuda"), torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert common.device_and_dtype()[1] == torch.bfloat16
+    assert common.device_and_dtype("float32")[1] == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert common.device_and_dtype() == (torch.device("cpu"), torch.float32)
+    assert common.device_and_dtype("bfloat16")[1] == torch.bfloat16  # the CPU bf16 test path
