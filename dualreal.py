@@ -16,8 +16,9 @@ kind (and the controller) is updated. Sampling is CogVideoX's sampler with guida
     python dualreal.py --model toy --sample-only          # reuse the adapters saved in --out
     python dualreal.py --model toy --ablate --seeds 3     # the supplement's Fig. 4 ablations, in the toy world
 
-Sources: ../shared/specs/dualreal.md (the official code's behaviour, in words) and the supplement
-(../shared/seeds/000: 1000 steps, gamma 0.5, lr 1e-3, AdamW, 49 frames at 480x720, the Fig. 4 ablations).
+Source: Wang et al., "DualReal: Adaptive Joint Training for Lossless Identity-Motion Fusion in Video Customization"
+(ICCV 2025, arXiv:2505.02192) and its supplement (1000 steps, gamma 0.5, lr 1e-3, AdamW, 49 frames at 480x720, the
+Fig. 4 ablations); where the paper is silent, the official code (github.com/wenc-k/DualReal). See CITATION.bib.
 """
 import argparse
 import functools
@@ -52,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int, default=49, help="frames of the motion clips and of the result (4k+1)")
     p.add_argument("--motion-start", type=int, default=0, help="first frame of the reference clip(s) to use")
     p.add_argument("--motion-end", type=int, help="frame after the last one to use (default: the clip's end)")
-    p.add_argument("--motion-stride", type=int, help="take every n-th frame instead of spreading uniformly")
+    p.add_argument("--motion-stride", type=int, default=1, help="take every n-th frame from --motion-start (official "
+                   "loader: 1, consecutive frames); 0 spreads the frames over the whole clip")
     # models
     p.add_argument("--model", default="THUDM/CogVideoX-5b", help="hub id, local folder, or 'toy'")
     p.add_argument("--image-encoder", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
@@ -71,9 +73,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps of the cosine schedule (code)")
     p.add_argument("--lr-cycles", type=int, default=1, help="hard restarts of the cosine schedule (code: 1)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (code)")
-    p.add_argument("--motion-batch", type=int, default=3, help="clips per motion step (code)")
+    p.add_argument("--motion-batch", type=int, default=3, help="distinct clips per motion step (code; fewer clips "
+                                                                 "given: all of them, none repeated)")
     p.add_argument("--identity-batch", type=int, default=1, help="photos per identity step (code)")
-    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (memory for speed)")
+    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient checkpointing of the transformer's blocks (memory for speed; on by default: the "
+                        "paper's 49x480x720 motion batches need it)")
     # sampling
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance scale")
@@ -112,7 +117,7 @@ def parse_args(argv=None):
 # Training keeps the paper's 1000 steps, warm-up and batches (motion 3, identity 1): ~65 ms a step on one core of a
 # loaded 2-core machine, the whole run (train + sample) ~75 s
 TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, steps=20, cfg=4.0, sampler="ddim",
-           num_samples=4)
+           num_samples=4, grad_ckpt=False)
 
 
 # -----------------------------------------------------------------------------
@@ -138,7 +143,7 @@ def read_inputs(args):
     if not clips:
         common.fail(f"{motion} holds neither frames nor video files nor frame folders")
     videos = torch.stack([common.read_video(c, args.frames, size, args.motion_start, args.motion_end,
-                                            args.motion_stride) for c in clips])
+                                            args.motion_stride or None) for c in clips])
     word = folder / "prompt.txt"
     class_word = args.class_word or (word.read_text().strip() if word.is_file() else "object")
     sidecar = motion.with_suffix(".txt") if motion.is_file() else motion / "caption.txt"
@@ -156,28 +161,26 @@ def read_inputs(args):
 
 def load_models(args, device, dtype):
     """CogVideoX (transformer, VAE, T5 and its tokenizer, the sampler of the model's scheduler config) and the CLIP
-    image encoder from hub ids / local folders, or the toy world's pieces for --model toy."""
+    image encoder with its own preprocessing from hub ids / local folders, or the toy world's pieces for --model toy."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
     m = common.load_cogvideox(args.model, args.sampler, dtype)
+    encoder = args.image_encoder
     if args.model == "toy":
         import toyworld
-        m["image_encoder"] = toyworld.image_encoder("clip_vision")  # the tiny frozen stand-in for ViT-H/14
-    else:
-        from transformers import CLIPVisionModelWithProjection
-        m["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(args.image_encoder, torch_dtype=dtype)
+        encoder = toyworld.ASSETS / "encoders" / "clip_vision"  # the tiny frozen stand-in for ViT-H/14
+    m["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(encoder, torch_dtype=dtype)
+    m["image_processor"] = CLIPImageProcessor.from_pretrained(encoder)
     for k in ("transformer", "vae", "text_encoder", "image_encoder"):
         m[k] = m[k].to(device).eval().requires_grad_(False)
     return m
 
 
 @torch.no_grad()
-def image_embeds(encoder, images):
-    """CLIP image embeddings (N, D) of images (N, 3, H, W) in [-1, 1], resized to the encoder's size and
-    CLIP-normalised."""
-    size = encoder.config.image_size
-    x = F.interpolate((images.float() + 1) / 2, size=(size, size), mode="bicubic", align_corners=False)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=x.device).view(1, 3, 1, 1)
-    return encoder(pixel_values=((x - mean) / std).to(encoder.dtype)).image_embeds.float()
+def image_embeds(encoder, processor, images):
+    """CLIP image embeddings (N, D) of images (N, 3, H, W) in [-1, 1], preprocessed by the model's own
+    CLIPImageProcessor (resize the short side, centre crop, CLIP mean/std)."""
+    x = processor(images=list((images.float().cpu() + 1) / 2), do_rescale=False, return_tensors="pt").pixel_values
+    return encoder(pixel_values=x.to(encoder.device, encoder.dtype)).image_embeds.float()
 
 
 class Adapter(nn.Module):
@@ -200,25 +203,28 @@ class Adapter(nn.Module):
 
 
 class StageBlender(nn.Module):
-    """The StageBlender Controller: from the timestep embedding temb (B, T) and the max-pooled patch-embedded tokens
-    (B, dim), alpha (B, groups) = s sigmoid(MLP(h)) with h = gate * (LN(E pooled) * (1 + scale) + shift) and
-    (scale, shift, gate) = Linear(SiLU(temb)) (adaLN style); beta = s - alpha. The MLP's last layer starts at zero,
-    so alpha = beta = s/2 at step 0. (The paper writes omega for motion and 1 - omega for identity; the code's
-    weights sum to s, which is what we use.)"""
+    """The StageBlender Controller, in the official code's form: E = Linear(max-pooled patch-embedded tokens) (B, T);
+    (shift, scale, gate) = Linear(SiLU(temb)) (adaLN style); h = Up-GELU-Down(LN(E) (1 + scale) + shift) + gate E
+    (a 4x-wide tanh-GELU stage and a gated residual); alpha (B, groups) = s sigmoid(MLP(h)), beta = s - alpha.
+    The MLP's last layer starts at zero, so alpha = beta = s/2 at step 0. (The paper writes omega for motion and
+    1 - omega for identity; the code's weights sum to s, which is what we use.)"""
 
     def __init__(self, dim, time_dim, groups, hidden=128, s=0.2):
         super().__init__()
         self.s = s
         self.encode = nn.Linear(dim, time_dim)
-        self.norm = nn.LayerNorm(time_dim, elementwise_affine=False, eps=1e-6)
+        self.norm = nn.LayerNorm(time_dim, eps=1e-5)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 3 * time_dim))
+        self.fuse = nn.Sequential(nn.Linear(time_dim, 4 * time_dim), nn.GELU(approximate="tanh"),
+                                  nn.Linear(4 * time_dim, time_dim))
         self.mlp = nn.Sequential(nn.ReLU(), nn.Linear(time_dim, hidden), nn.ReLU(), nn.Linear(hidden, groups))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, temb, pooled):
-        scale, shift, gate = self.modulation(temb.float()).chunk(3, dim=-1)
-        h = gate * (self.norm(self.encode(pooled.float())) * (1 + scale) + shift)
+        shift, scale, gate = self.modulation(temb.float()).chunk(3, dim=-1)
+        e = self.encode(pooled.float())
+        h = self.fuse(self.norm(e) * (1 + scale) + shift) + gate * e
         alpha = self.s * torch.sigmoid(self.mlp(h))
         return alpha, self.s - alpha
 
@@ -306,7 +312,8 @@ def trainable(dr, controller=True):
 # adapters.safetensors: DualReal's state dict, all fp32, block i = 0..L-1, kind = attn | ff:
 #   identity.<kind>.<i>.down.weight (r, dim), .down.bias (r), .up.weight (dim, r), .up.bias (dim)
 #   motion.<kind>.<i>.down.*, .up.* (the same) and motion.<kind>.<i>.cond.weight (dim, cond_dim)   (W_cond)
-#   controller.encode.weight (T, dim), .bias; controller.modulation.1.weight (3T, T), .bias;
+#   controller.encode.weight (T, dim), .bias; controller.norm.weight (T), .bias; controller.modulation.1.weight
+#   (3T, T), .bias; controller.fuse.0.weight (4T, T), .bias; controller.fuse.2.weight (T, 4T), .bias;
 #   controller.mlp.1.weight (128, T), .bias; controller.mlp.3.weight (groups, 128), .bias
 # metadata: rank, groups, s, controller (False: fixed s/2), cond_dim, controller_dim, model, iterations
 
@@ -429,7 +436,8 @@ def train(transformer, dr, alphas_cumprod, lat, text, cond, args, state, out):
     for step in bar:
         motion = is_motion_step(gen, args.gamma)
         key, b = ("motion", args.motion_batch) if motion else ("identity", args.identity_batch)
-        idx = torch.randint(len(lat[key]), (b,), generator=gen)
+        idx = torch.randperm(len(lat[key]), generator=gen)[:b]  # distinct items, as a shuffled loader's batch
+        b = len(idx)
         dr.c = cond[idx] if motion else torch.zeros(b, cond.shape[1], device=cond.device)  # identity: c = 0
         loss = v_loss(transformer, lat[key][idx], text[key].expand(b, -1, -1), alphas_cumprod, gen)
         common.check_finite(loss, step)
@@ -521,8 +529,8 @@ def main(argv=None):
     text = {k: common.encode_prompts(m["tokenizer"], m["text_encoder"], [q], args.max_text_len).to(device)
             for k, q in dict(prompts, identity=prompts["subject"], negative=args.negative_prompt).items()}
     frame = int(torch.randint(args.frames, (1,), generator=torch.Generator().manual_seed(args.seed)))  # picked once
-    cond = image_embeds(m["image_encoder"], videos[:, frame].to(device))          # (M, D): each clip's c
-    c_subject = image_embeds(m["image_encoder"], images[:1].to(device))           # inference: the reference photo
+    cond = image_embeds(m["image_encoder"], m["image_processor"], videos[:, frame]).to(device)  # (M, D): each clip's c
+    c_subject = image_embeds(m["image_encoder"], m["image_processor"], images[:1]).to(device)  # inference: the photo
     del m["text_encoder"], m["image_encoder"]
     transformer = m["transformer"]
     if args.grad_ckpt:

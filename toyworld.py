@@ -904,6 +904,9 @@ def make_assets():
         torch.manual_seed(1000 + i)
         folder = "text_encoders" if kind in ("umt5", "t5", "clip") else "encoders"
         classes[kind](cfg).save_pretrained(ASSETS / folder / kind)
+    from transformers import CLIPImageProcessor  # the CLIP stand-in's own preprocessing, as the real model ships it
+    CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(
+        ASSETS / "encoders" / "clip_vision")
     import imageio.v3 as iio
     images, masks = subject_images()
     subj = ASSETS / "toy" / "subject"

@@ -1,6 +1,7 @@
 import copy
 import json
 
+import imageio.v3 as iio
 import pytest
 import torch
 
@@ -56,6 +57,24 @@ def test_controller_gives_one_tenth_each_at_init_and_always_sums_to_s():
     fixed = dr_mod.DualReal(4, 64, 32, 32, 16, 4, 0.2, controller=False)  # --no-controller: direct fusion
     a, b = fixed.blend(temb, torch.randn(5, 10, 64))
     assert torch.equal(a, torch.full((5, 4), 0.1)) and torch.equal(b, a)
+
+
+def test_controller_has_the_official_form():
+    """Official controller: shift/scale/gate from SiLU(temb); LN (affine, eps 1e-5) of the encoded pooled tokens,
+    modulated, through a 4x-wide tanh-GELU stage, plus the gated encoding; then ReLU-MLP and s sigmoid."""
+    torch.manual_seed(0)
+    ctrl = dr_mod.StageBlender(64, 32, 7, 128, 0.2)
+    for p in ctrl.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    temb, pooled = torch.randn(5, 32), torch.randn(5, 64)
+    shift, scale, gate = torch.nn.functional.linear(torch.nn.functional.silu(temb), *ctrl.modulation[1].parameters()
+                                                    ).chunk(3, dim=-1)
+    e = pooled @ ctrl.encode.weight.T + ctrl.encode.bias
+    ln = torch.nn.functional.layer_norm(e, (32,), ctrl.norm.weight, ctrl.norm.bias, 1e-5)
+    up, down = ctrl.fuse[0], ctrl.fuse[2]
+    h = down(torch.nn.functional.gelu(up(ln * (1 + scale) + shift), approximate="tanh")) + gate * e
+    want = 0.2 * torch.sigmoid(ctrl.mlp[3](torch.relu(ctrl.mlp[1](torch.relu(h)))))
+    assert torch.allclose(ctrl(temb, pooled)[0], want, atol=1e-6)
 
 
 def test_block_i_reads_group_i_times_7_over_num_layers():
@@ -189,7 +208,7 @@ def test_toy_end_to_end_writes_everything_and_sample_only_reuses_it(tmp_path):
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4]
     import safetensors.torch as st
     sd = st.load_file(out / "adapters.safetensors")
-    assert len(sd) == 4 * 2 * 4 + 4 * 2 * 5 + 8
+    assert len(sd) == 4 * 2 * 4 + 4 * 2 * 5 + 14  # adapters, motion adapters with W_cond, the controller's 7 layers
     assert sd["motion.ff.3.cond.weight"].shape == (64, 32) and sd["identity.attn.0.down.weight"].shape == (64, 64)
     assert sd["controller.mlp.3.weight"].shape == (4, 128)
     assert any(v.abs().sum() > 0 for k, v in sd.items() if ".up." in k)  # it trained
@@ -291,7 +310,7 @@ def test_the_real_loading_path_at_tiny_size(tmp_path):
     assert type(dr_mod.load_models(ddim, torch.device("cpu"), torch.float32)["scheduler"]) is CogVideoXDDIMScheduler
     lat = dr_mod.encode_video(m["vae"], torch.rand(1, 9, 3, 32, 32) * 2 - 1)
     assert lat.shape == (1, 3, 4, 4, 4)                          # (B, F, C, h, w): 9 frames -> 3 latents
-    assert dr_mod.image_embeds(m["image_encoder"], torch.zeros(2, 3, 32, 32)).shape == (2, 32)
+    assert dr_mod.image_embeds(m["image_encoder"], m["image_processor"], torch.zeros(2, 3, 32, 32)).shape == (2, 32)
     # and the whole real run through main, train then sample-only
     run = ["--model", str(tmp_path / "cogvideox"), "--image-encoder", enc, "--subject", str(tw.ASSETS / "toy" /
            "subject"), "--motion", str(tw.ASSETS / "toy" / "motion"), "--height", "32", "--width", "32", "--frames",
@@ -327,3 +346,71 @@ def test_ablate_runs_every_variant_and_writes_the_table(tmp_path, monkeypatch, c
     assert table.count("\n| ") == len(dr_mod.ABLATIONS) + 1 and "| no grouping | " in capsys.readouterr().out
     cfg = json.loads((tmp_path / "out/dualreal/ablations/gamma_0_25/seed0/config.json").read_text())
     assert cfg["gamma"] == 0.25 and not cfg["no_controller"]
+
+
+
+def test_one_clip_is_one_motion_sample_and_batches_never_repeat_an_item(tmp_path, monkeypatch):
+    """The official loader yields each clip once per batch: one reference clip is a motion batch of 1, not 3."""
+    model, _, dr = _model()
+    args = dr_mod.parse_args(["--model", "toy", "--iterations", "6", "--warmup", "0", "--log-every", "1000"])
+    seen = []
+    monkeypatch.setattr(dr_mod, "v_loss", lambda tr, z0, *a: seen.append(z0) or sum(p.sum() for p in dr.parameters()) * 0)
+    kinds = iter([True, False, True, False, True, False])
+    monkeypatch.setattr(dr_mod, "is_motion_step", lambda gen, gamma: next(kinds))
+    one = dict(identity=torch.randn(3, 1, tw.LATENT_CHANNELS, 8, 8), motion=torch.randn(1, 3, tw.LATENT_CHANNELS, 8, 8))
+    dr_mod.train(model, dr, tw.noise_schedule("cogvideox").alphas_cumprod, one, dict(identity=torch.randn(1, 16, 32),
+                 motion=torch.randn(1, 16, 32)), torch.randn(1, 32), args, {}, tmp_path)
+    assert [len(z) for z in seen[::2]] == [1, 1, 1]
+    seen.clear()
+    four = dict(one, motion=torch.randn(4, 3, tw.LATENT_CHANNELS, 8, 8))
+    kinds = iter([True] * 6)
+    monkeypatch.setattr(dr_mod, "is_motion_step", lambda gen, gamma: next(kinds))
+    dr_mod.train(model, dr, tw.noise_schedule("cogvideox").alphas_cumprod, four, dict(identity=torch.randn(1, 16, 32),
+                 motion=torch.randn(1, 16, 32)), torch.randn(4, 32), args, {}, tmp_path)
+    for z in seen:  # 3 distinct clips each step
+        assert len(z) == 3 and len({tuple(x.flatten()[:4].tolist()) for x in z}) == 3
+
+
+def test_motion_frames_are_consecutive_as_the_official_loader(tmp_path):
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for i in range(20):  # frame i has brightness 10 i
+        iio.imwrite(clip / f"{i:03d}.png", torch.full((32, 32, 3), i * 10, dtype=torch.uint8).numpy())
+    base = ["--model", "toy", "--motion", str(clip)]
+    _, videos, _, _ = dr_mod.read_inputs(dr_mod.parse_args(base))
+    assert [round(float((v.mean() + 1) / 2 * 255) / 10) for v in videos[0]] == list(range(9))
+    _, spread, _, _ = dr_mod.read_inputs(dr_mod.parse_args(base + ["--motion-stride", "0"]))
+    assert round(float((spread[0, -1].mean() + 1) / 2 * 255) / 10) == 19
+
+
+def test_grad_ckpt_is_on_for_real_models_and_changes_no_gradient():
+    assert dr_mod.parse_args(["--subject", "s", "--motion", "m"]).grad_ckpt
+    assert not dr_mod.parse_args(["--model", "toy"]).grad_ckpt
+    assert not dr_mod.parse_args(["--subject", "s", "--motion", "m", "--no-grad-ckpt"]).grad_ckpt
+    grads = []
+    for ckpt in (False, True):
+        model, _, dr = _model()
+        if ckpt:
+            model.enable_gradient_checkpointing()
+        model.train()  # diffusers checkpoints only in training mode with grad enabled
+        z, t, text = _inputs()
+        dr_mod.denoise(model, z, t, text).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in dr.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
+
+
+def test_clip_condition_uses_the_models_own_preprocessing():
+    """CLIPImageProcessor centre-crops a non-square photo (a hand-written square resize squashes it)."""
+    from transformers import CLIPImageProcessor
+    enc = tw.ASSETS / "encoders" / "clip_vision"
+    encoder, processor = tw.image_encoder("clip_vision"), CLIPImageProcessor.from_pretrained(enc)
+    torch.manual_seed(0)
+    wide = torch.rand(1, 3, 32, 48) * 2 - 1
+    full, crop = (dr_mod.image_embeds(encoder, processor, x) for x in (wide, wide[..., 8:40]))
+    assert torch.allclose(full, crop, atol=1e-4)
+
+
+def test_toy_run_with_bf16_frozen_weights(tmp_path):
+    """--dtype bfloat16 on the CPU: the GPU's dtype path (frozen bf16 backbone, fp32 adapters) runs end to end."""
+    metrics = dr_mod.main(FAST + ["--dtype", "bfloat16", "--num-samples", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "adapters.safetensors").is_file() and all(v == v for v in metrics.values())
