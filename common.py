@@ -6,6 +6,7 @@ checkpoints, a NaN guard, the log line, and sample writing (mp4, gif, lossless P
 """
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -64,6 +65,49 @@ def fail(message):
     raise SystemExit(2)
 
 
+def first_line(error, limit=200):
+    """A library's message cut to its first meaningful line (ffmpeg's errors start with a page of banner)."""
+    lines = [q.strip() for q in str(error).splitlines() if q.strip()]
+    meaningful = [q for q in lines if "error" in q.lower() or "invalid" in q.lower()] or lines or [type(error).__name__]
+    return meaningful[0][:limit]
+
+
+def check_numbers(args, at_least_one=(), at_least_zero=(), positive=(), unit=()):
+    """Range checks of numeric flags, before anything loads: counts >= 1 (or >= 0), finite rates > 0, fractions in
+    [0, 1], and a seed numpy and torch both accept."""
+    def bad(name, want):
+        fail(f"--{name.replace('_', '-')} must be {want} (got {getattr(args, name)})")
+    for name in at_least_one:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            bad(name, ">= 1")
+    for name in at_least_zero:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            bad(name, ">= 0")
+    for name in positive:
+        if getattr(args, name) is not None and not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            bad(name, "a finite number > 0")
+    for name in unit:
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
+            bad(name, "between 0 and 1")
+    if not 0 <= getattr(args, "seed", 0) < 2 ** 32:
+        bad("seed", "between 0 and 2^32 - 1")
+
+
+RUN_FILES = ("config.json", "ckpt.pt", "metrics.json", "log.jsonl")
+
+
+def check_out(out, resume=False, sample_only=False, overwrite=False):
+    """--out must be a folder (or not exist); a folder holding an earlier run is only reused on purpose:
+    --resume continues it, --sample-only samples from it, --overwrite replaces it (as the Hugging Face trainers)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file, not a folder: choose another --out")
+    held = [f for f in RUN_FILES if (out / f).exists()] if out.is_dir() else []
+    if held and not (resume or sample_only or overwrite):
+        fail(f"--out {out} holds an earlier run ({', '.join(held)}): add --resume to continue it, --sample-only to "
+             f"sample from it, --overwrite to replace it, or choose another --out")
+
+
 def check_pretrained(name, flag, filename="model_index.json"):
     """A hub id or folder must be loadable offline: a local folder, or already in the Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
@@ -83,6 +127,17 @@ def check_pretrained(name, flag, filename="model_index.json"):
 
 def list_images(folder):
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+
+def read_rgb(path):
+    """Any common image file -> uint8 (H, W, 3): 16-bit images are scaled to 8 bits (not clipped), grey is repeated,
+    alpha and palettes are resolved by PIL."""
+    from PIL import Image
+    with Image.open(path) as im:
+        if im.mode.startswith("I"):  # 16-bit grey ("I;16", or "I" for a 16-bit PNG): PIL's convert("RGB") clips
+            a = (np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8)
+            return np.repeat(a[..., None], 3, axis=-1)
+        return np.asarray(im.convert("RGB"))
 
 
 def to_tensor(image):
@@ -109,9 +164,9 @@ def resize_crop(x, size):
 
 def read_image(path, size=None):
     try:
-        x = to_tensor(iio.imread(path))
+        x = to_tensor(read_rgb(path))
     except Exception as e:
-        fail(f"cannot read image {path}: {e}")
+        fail(f"cannot read image {path}: {first_line(e)}")
     return resize_crop(x, size) if size else x
 
 
@@ -120,9 +175,9 @@ def read_video(path, num_frames, size=None, start=0, end=None, stride=None):
     `stride`-th frame from start), resized/cropped to size. Too short a clip is a clear error."""
     path = Path(path)
     try:
-        frames = [iio.imread(p) for p in list_images(path)] if path.is_dir() else list(iio.imiter(path))
+        frames = [read_rgb(p) for p in list_images(path)] if path.is_dir() else list(iio.imiter(path))
     except Exception as e:
-        fail(f"cannot read video {path}: {e}")
+        fail(f"cannot read video {path}: {first_line(e)}")
     end = len(frames) if end is None else min(end, len(frames))
     if stride:
         idx = list(range(start, end, stride))[:num_frames]

@@ -212,3 +212,54 @@ def test_bf16_only_where_the_gpu_supports_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert common.device_and_dtype() == (torch.device("cpu"), torch.float32)
     assert common.device_and_dtype("bfloat16")[1] == torch.bfloat16  # the CPU bf16 test path
+
+
+def test_images_of_any_mode_and_bit_depth_become_8_bit_rgb(tmp_path):
+    from PIL import Image
+    import numpy as np
+    grey16 = np.full((4, 6), 0xAAAA, dtype=np.uint16)  # 16-bit grey 43690 is 8-bit 170
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    Image.fromarray(np.full((4, 6, 2), (170, 30), dtype=np.uint8), mode="LA").save(tmp_path / "la.png")
+    Image.fromarray(np.full((4, 6), 170, dtype=np.uint8)).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(np.full((4, 6, 4), (170, 170, 170, 0), dtype=np.uint8)).save(tmp_path / "rgba.png")
+    for name in ("grey16", "la", "palette", "rgba"):
+        x = common.read_image(tmp_path / f"{name}.png")
+        assert x.shape == (3, 4, 6), name
+        assert torch.allclose(x, torch.full_like(x, 170 / 127.5 - 1), atol=1e-6), name
+
+
+def test_library_messages_are_cut_to_their_first_meaningful_line():
+    banner = "ffmpeg version 6.1 Copyright (c) 2000-2023\n  built with gcc 12\n  configuration: --enable-gpl\n" * 20
+    e = RuntimeError(banner + "[mov,mp4 @ 0x1] moov atom not found\nclip.mp4: Invalid data found when processing input")
+    assert common.first_line(e) == "clip.mp4: Invalid data found when processing input"
+    assert common.first_line(ValueError("")) == "ValueError"
+
+
+@pytest.mark.parametrize("flags", [dict(steps=0), dict(steps=-5), dict(lr=float("nan")), dict(lr=0.0),
+                                   dict(lr=float("inf")), dict(p=1.5), dict(seed=-1), dict(seed=2 ** 32),
+                                   dict(warmup=-1)])
+def test_numeric_flags_out_of_range_end_with_one_line(flags, capsys):
+    args = argparse.Namespace(**{**dict(steps=10, lr=1e-4, p=0.5, seed=0, warmup=0), **flags})
+    with pytest.raises(SystemExit) as e:
+        common.check_numbers(args, at_least_one=["steps"], at_least_zero=["warmup"], positive=["lr"], unit=["p"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--{next(iter(flags))}" in err
+    common.check_numbers(argparse.Namespace(steps=1, lr=1e-4, p=1.0, seed=0, warmup=0), at_least_one=["steps"],
+                         at_least_zero=["warmup"], positive=["lr"], unit=["p"])  # the edges pass
+
+
+def test_out_holding_a_run_is_only_reused_on_purpose(tmp_path, capsys):
+    common.check_out(tmp_path / "new")  # nothing there: fine
+    (tmp_path / "empty").mkdir()
+    common.check_out(tmp_path / "empty")
+    (tmp_path / "file").write_text("x")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    for out, flags in [(tmp_path / "file", {}), (tmp_path / "file", dict(overwrite=True)), (run, {})]:
+        with pytest.raises(SystemExit) as e:
+            common.check_out(out, **flags)
+        assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    for flag in ("resume", "sample_only", "overwrite"):
+        common.check_out(run, **{flag: True})
