@@ -7,17 +7,20 @@ flow-matching loss plus MoRA: the one-step clean estimate is decoded and its opt
 reference video's flow. At inference both LoRAs are injected sparsely: the subject LoRA only in Q, K and FFN.0,
 the motion LoRA only in V, O, FFN.0 and FFN.2, and the subject LoRA at half strength for the first 30% of steps.
 
-    # a real run (a GPU with ~24 GB; weights from the hub cache or local folders, nothing is downloaded here)
+    # a real run (a large GPU: MoRA's VAE decode alone saves ~2.9 GB of activations at 64x112, so tens of GB at the
+    # paper's 320x576, estimates: see --mora-ckpt, --mora-window; weights from the hub cache or local folders)
     python smrabooth.py --subject photos/ --motion dance.mp4 --raft-weights raft_large_C_T_SKHT_V2-ff5fadd5.pth
     python smrabooth.py --subject photos/ --motion dance.mp4 --prompt "a sks dog dancing on the beach" ...
     # the toy world on a CPU in minutes (toy backbone, bundled toy subject and motion)
     python smrabooth.py --model toy
     python smrabooth.py --model toy --sample-only          # reuse the LoRAs saved in --out
 
-Papers: the method (../shared/seeds/004: SuRA, MoRA, sparse injection, losses, hyperparameters) and its
-supplement (003: T_point and subject-scale ablations, Alg. 1 one-step x0, the sliding-window VAE decode).
+Paper: "SMRABooth: Subject and Motion Representation Alignment for Customized Video Generation" (CVPR 2026; see
+CITATION.bib): the method (SuRA, MoRA, sparse injection, losses, hyperparameters) and its supplementary material
+(T_point and subject-scale ablations, Alg. 1 one-step x0, sec. 2.2 the sliding-window VAE decode).
 """
 import argparse
+import functools
 import json
 import random
 import sys
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
@@ -68,7 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--sura-lambda", type=float, default=0.05, help="lambda: weight of L_SuRA")
     p.add_argument("--mora-alpha", type=float, default=1.0, help="alpha: weight of L_MoRA")
-    p.add_argument("--mora-window", type=int, default=6, help="latent frames decoded per MoRA step (supp. 2.2)")
+    p.add_argument("--mora-window", type=int, default=6, help="latent frames decoded per MoRA step (supp. 2.2: 6 = "
+                                                              "21 frames, 16 kept); fewer need less memory (min. 3)")
+    p.add_argument("--mora-ckpt", action="store_true", help="recompute MoRA's VAE decode in the backward pass, "
+                                                            "latent frame by frame (memory for speed; not the paper's)")
     p.add_argument("--shift", type=float, default=3.0, help="flow shift of training sigmas and sampler (Wan 480p)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (memory for speed)")
     # sampling
@@ -168,6 +175,22 @@ def read_inputs(args):
     return images, masks, videos, prompts
 
 
+def check_motion_frames(args):
+    """Wan's causal VAE encodes 4k+1 frames (it would drop the rest), and MoRA's window of w latents decodes
+    1 + 4 (w - 1) frames and keeps the last 4 (w - 2) (supplement 2.2: 6 latents, 21 frames, 16 kept)."""
+    n, w = args.motion_frames, args.mora_window
+    if n % 4 != 1:
+        common.fail(f"--motion-frames {n}: Wan's VAE encodes 4k+1 frames; use {n - (n - 1) % 4} or "
+                    f"{n - (n - 1) % 4 + 4}")
+    if args.no_mora:
+        return
+    if w < 3:
+        common.fail(f"--mora-window {w}: MoRA drops the first 5 decoded frames, so a window needs 3 or more latents")
+    if n < 4 * (w - 1) + 1:
+        common.fail(f"--motion-frames {n} is shorter than MoRA's window of {w} latents ({4 * (w - 1) + 1} frames, "
+                    f"supplement 2.2): use a longer clip or a smaller --mora-window (3 or more)")
+
+
 # -----------------------------------------------------------------------------
 # backbone and adapters
 
@@ -185,7 +208,6 @@ def load_models(args, device, dtype):
     else:
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
         from transformers import AutoModel, AutoTokenizer, UMT5EncoderModel
-        from torchvision.models.optical_flow import raft_large
         m = dict(transformer=WanTransformer3DModel.from_pretrained(args.model, subfolder="transformer",
                                                                    torch_dtype=dtype),
                  vae=AutoencoderKLWan.from_pretrained(args.model, subfolder="vae", torch_dtype=torch.float32),
@@ -195,12 +217,25 @@ def load_models(args, device, dtype):
                  dino=AutoModel.from_pretrained(args.dino, torch_dtype=dtype),
                  # real Wan samples with UniPC on flow sigmas (deterministic); the flow_shift is the model's own
                  scheduler=UniPCMultistepScheduler.from_pretrained(args.model, subfolder="scheduler"))
-        raft = raft_large(weights=None)
-        raft.load_state_dict(torch.load(args.raft_weights, map_location="cpu"))
-        m["flow"] = lambda a, b: raft.to(a.device)(a.float(), b.float(), num_flow_updates=12)[-1]
-    for k in ("transformer", "vae", "text_encoder", "dino"):
-        m[k] = m[k].to(device).eval().requires_grad_(False)
+        if not (args.sample_only or args.no_mora):  # only MoRA needs the flow network
+            m["flow"] = functools.partial(raft_flow, load_raft(args.raft_weights, device))
+    for k in ("transformer", "vae", "text_encoder", "dino"):  # frozen; the VAE in fp32, the rest in `dtype`
+        m[k] = m[k].to(device, torch.float32 if k == "vae" else dtype).eval().requires_grad_(False)
     return m
+
+
+def load_raft(path, device):
+    """torchvision's RAFT-large, frozen like the other networks: in eval mode its BatchNorm layers keep their
+    running statistics, and its weights collect no gradient (MoRA's gradient passes through it to the frames)."""
+    from torchvision.models.optical_flow import raft_large
+    raft = raft_large(weights=None)
+    raft.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return raft.to(device).eval().requires_grad_(False)
+
+
+def raft_flow(raft, a, b):
+    """Flow from frames a to b (N, 3, H, W) in [-1, 1], RAFT's input range: the last of its 12 refinements."""
+    return raft(a.float(), b.float(), num_flow_updates=12)[-1]
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]  # attn1 + attn2 + FFN
@@ -317,11 +352,40 @@ def window(vae, num_latents, k, size):
     return k, k + size, drop, list(range(t * k + drop, t * k + drop + t * (size - 2)))
 
 
-def decode_window(vae, z0_hat, k, size):
-    """Decode the latent window with gradients; returns frames (B, F, 3, H, W) and the reference frame indices."""
+def decode_window(vae, z0_hat, k, size, ckpt=False):
+    """Decode the latent window with gradients; returns frames (B, F, 3, H, W) and the reference frame indices.
+    ckpt: recompute the decode in the backward pass (decode_checkpointed) instead of keeping its activations."""
     start, end, drop, ref_idx = window(vae, z0_hat.shape[2], k, size)
-    video = vae.decode(unnormalize(vae, z0_hat[:, :, start:end].float())).sample  # (B, 3, F, H, W), VAE in fp32
+    z = unnormalize(vae, z0_hat[:, :, start:end].float())  # the VAE runs in fp32
+    video = decode_checkpointed(vae, z) if ckpt else vae.decode(z).sample  # (B, 3, F, H, W)
     return video[:, :, drop:].transpose(1, 2), ref_idx
+
+
+def decoder_step(decoder, x, cache, first):
+    """One latent frame through Wan's causal decoder; `cache` holds what each causal conv keeps of the frames
+    before. The updated cache is a new list and the given one is left as it was, so that torch.utils.checkpoint can
+    run the step again in the backward pass and get the same result."""
+    cache = list(cache)
+    return decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first), cache
+
+
+def decode_checkpointed(vae, z):
+    """AutoencoderKLWan.decode of Wan2.1 (no patchify, no tiling), latent frame by latent frame as it decodes, with
+    each frame's decoder pass checkpointed: the backward pass recomputes it, so the decode keeps only the causal
+    caches between frames, not all its activations. diffusers' AutoencoderKLWan offers no gradient checkpointing."""
+    x = vae.post_quant_conv(z)
+    cache = [None] * sum(type(m).__name__ == "WanCausalConv3d" for m in vae.decoder.modules())
+    frames = []
+    for i in range(x.shape[2]):
+        out, cache = checkpoint(decoder_step, vae.decoder, x[:, :, i:i + 1], cache, i == 0, use_reentrant=False)
+        frames.append(out)
+    return torch.cat(frames, 2).clamp(-1, 1)  # as AutoencoderKLWan.decode: no gradient through saturated pixels
+
+
+@torch.no_grad()
+def reference_flows(flow, videos):
+    """Flows between consecutive frames of each reference clip (C, F, 3, H, W), once: MoRA compares against them."""
+    return torch.stack([flow(v[:-1], v[1:]) for v in videos])
 
 
 def mora_loss(flow, frames, ref_flow):
@@ -401,7 +465,8 @@ def train_stage(stage, m, lat, text, args, trainable, state, out, extra=None):
             if not args.no_mora:  # a random window each step: the supplement slides it by 2 latents between
                 # steps, which never starts at an odd latent; a random start reaches every one
                 k = int(torch.randint(max(1, z0.shape[2] - args.mora_window + 1), (1,), generator=gen))
-                frames, ref_idx = decode_window(m["vae"], one_step_x0(z_t, v_pred, sigma), k, args.mora_window)
+                frames, ref_idx = decode_window(m["vae"], one_step_x0(z_t, v_pred, sigma), k, args.mora_window,
+                                                args.mora_ckpt)
                 pairs = torch.tensor(ref_idx[:-1], device=device)
                 logs["mora"] = mora_loss(m["flow"], frames, extra["ref_flow"][idx][:, pairs])
                 loss = loss + args.mora_alpha * logs["mora"]
@@ -499,6 +564,8 @@ def main(argv=None):
     if args.model != "toy" and not args.sample_only and not args.no_mora and not (
             args.raft_weights and Path(args.raft_weights).is_file()):
         common.fail("MoRA needs torchvision RAFT weights: --raft-weights raft_large_*.pth (or --no-mora)")
+    if args.model != "toy" and not args.sample_only:
+        check_motion_frames(args)
     out = Path(args.out)
     if args.sample_only and not (out / "motion_lora").is_dir():
         common.fail(f"--sample-only: {out} holds no trained LoRAs")
@@ -529,8 +596,7 @@ def main(argv=None):
         dino = dino_targets(m["dino"], images.to(device), grid)
         projector = Projector(transformer.config.num_attention_heads * transformer.config.attention_head_dim,
                               args.proj_hidden, dino.shape[-1]).to(device)
-        with torch.no_grad():  # the reference flows, once (MoRA compares against them)
-            ref_flow = torch.stack([m["flow"](v[:-1].to(device), v[1:].to(device)) for v in videos])
+        ref_flow = None if args.no_mora else reference_flows(m["flow"], videos.to(device))
         state = load_state(out, m, projector) if args.resume else dict(stage="subject", step=0)
         if state["stage"] == "subject":
             train_stage("subject", m, img_lat, text["subject"], args, subject_params + list(projector.parameters()),

@@ -71,6 +71,27 @@ def test_window_decode_keeps_reference_frames_4k_plus_5_to_4k_plus_20():
     assert sm.window(tw.load_vae(), 9, 0, 6) == (0, 9, 0, list(range(9)))
 
 
+def test_checkpointed_decode_equals_the_vae_and_keeps_less():
+    """--mora-ckpt: the same frames and gradients as AutoencoderKLWan.decode, a fraction of the saved activations."""
+    from diffusers import AutoencoderKLWan
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.1] * 4,
+                           latents_std=[2.0] * 4).eval().requires_grad_(False)
+    z = torch.randn(1, 4, 9, 4, 4, requires_grad=True)
+    runs = []
+    for ckpt in (False, True):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            frames, ref = sm.decode_window(vae, z, 2, 6, ckpt)
+        frames.square().sum().backward()
+        runs.append((frames, ref, z.grad.clone(), sum(saved)))
+        z.grad = None
+    (a, ref_a, grad_a, saved_a), (b, ref_b, grad_b, saved_b) = runs
+    assert torch.equal(a, b) and ref_a == ref_b and torch.equal(grad_a, grad_b)
+    assert saved_b < saved_a / 10, (saved_a, saved_b)
+
+
 def test_mora_is_zero_for_the_same_motion_and_grows_with_a_shift():
     clip = tw.motion_clip()[None]
     ref_flow = tw.toy_flow(clip[0, :-1], clip[0, 1:])[None]
@@ -233,31 +254,99 @@ def test_dry_run_loads_nothing(capsys):
     assert "a sks star moving in a zigzag" in out and "toy DINOv2 stand-in" in out
 
 
-def test_the_real_loading_path_at_tiny_size(tmp_path):
-    """The same load_models the real run uses, on a tiny Wan pipeline saved as a local folder."""
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    """A tiny Wan pipeline saved as a local folder (the real loading path), and a random RAFT-large state dict."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-    from torchvision.models.optical_flow import raft_small, raft_large
+    from torchvision.models.optical_flow import raft_large
     torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_wan")
     vae = AutoencoderKLWan(base_dim=3, z_dim=C, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True], latents_mean=[0.0] * C, latents_std=[1.0] * C)
     pipe = WanPipeline(tokenizer=tw.tokenizer(), text_encoder=tw.text_encoder("umt5"), vae=vae,
                        transformer=tw.build_backbone("wan"),
                        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                          flow_shift=3.0))
-    pipe.save_pretrained(tmp_path / "wan")
-    torch.save(raft_large(weights=None).state_dict(), tmp_path / "raft.pth")
-    args = sm.parse_args(["--model", str(tmp_path / "wan"), "--dino", str(tw.ASSETS / "encoders" / "dinov2"),
-                          "--raft-weights", str(tmp_path / "raft.pth")])
+    pipe.save_pretrained(folder / "wan")
+    torch.save(raft_large(weights=None).state_dict(), folder / "raft.pth")
+    return folder
+
+
+def test_the_real_loading_path_at_tiny_size(tiny_wan, monkeypatch):
+    """The same load_models the real run uses, on a tiny Wan pipeline saved as a local folder."""
+    from diffusers import AutoencoderKLWan
+    import torchvision.models.optical_flow as of
+    made = []  # the RAFT that load_models builds, to look at
+    monkeypatch.setattr(of, "raft_large", lambda **k: made.append(of.raft.raft_large(**k)) or made[-1])
+    args = sm.parse_args(["--model", str(tiny_wan / "wan"), "--dino", str(tw.ASSETS / "encoders" / "dinov2"),
+                          "--raft-weights", str(tiny_wan / "raft.pth")])
     m = sm.load_models(args, torch.device("cpu"), torch.float32)
     assert type(m["transformer"]).__name__ == "WanTransformer3DModel" and type(m["vae"]) is AutoencoderKLWan
     assert type(m["scheduler"]).__name__ == "UniPCMultistepScheduler"
     lat = sm.encode_video(m["vae"], torch.zeros(1, 9, 3, 64, 64))
     assert lat.shape == (1, C, 3, 8, 8)
-    frames = torch.rand(2, 3, 128, 128) * 2 - 1  # RAFT needs at least 128 px
-    assert m["flow"](frames, frames).shape == (2, 2, 128, 128)
+    # RAFT is frozen: eval mode (BatchNorm keeps its running statistics) and no gradient into its weights, while the
+    # gradient reaches the frames
+    raft, = made
+    stats = {k: v.clone() for k, v in raft.state_dict().items() if "running" in k}
+    assert stats and not any(mod.training for mod in raft.modules())
+    frames = (torch.rand(2, 3, 128, 128) * 2 - 1).requires_grad_()  # RAFT needs at least 128 px
+    flow = m["flow"](frames, frames.flip(-1))
+    assert flow.shape == (2, 2, 128, 128)
+    flow.abs().mean().backward()
+    assert frames.grad.abs().sum() > 0 and all(p.grad is None and not p.requires_grad for p in raft.parameters())
+    assert all(torch.equal(v, raft.state_dict()[k]) for k, v in stats.items())
     text = common.encode_prompts(m["tokenizer"], m["text_encoder"], ["a sks star"], 16, True)
     z = sm.sample(m["transformer"], m["scheduler"], text, torch.zeros_like(text), torch.randn(1, C, 3, 8, 8), 2, 5.0)
     assert z.shape == (1, C, 3, 8, 8) and torch.isfinite(z).all()
+
+
+def test_no_mora_and_sample_only_run_a_real_model_without_raft_weights(tiny_wan, tmp_path):
+    """Only MoRA needs the flow network: --no-mora and --sample-only need no --raft-weights (no flow is loaded, so
+    none can be computed)."""
+    run = ["--model", str(tiny_wan / "wan"), "--dino", str(tw.ASSETS / "encoders" / "dinov2"),
+           "--subject", str(tw.ASSETS / "toy" / "subject"), "--motion", str(tw.ASSETS / "toy" / "motion"),
+           "--subject-size", "64", "--motion-size", "64", "64", "--motion-frames", "9", "--height", "64", "--width",
+           "64", "--frames", "9", "--max-text-len", "16", "--subject-steps", "1", "--motion-steps", "1", "--steps",
+           "2", "--out", str(tmp_path / "run")]
+    assert sm.main(run + ["--no-mora"]) is None
+    assert (tmp_path / "run" / "motion_lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert sm.main(run + ["--sample-only"]) is None
+    assert (tmp_path / "run" / "result" / "008.png").is_file()
+
+
+def test_no_mora_computes_no_reference_flow(tmp_path, monkeypatch):
+    calls = []
+    flow = tw.toy_flow
+    monkeypatch.setattr(tw, "toy_flow", lambda a, b: calls.append(a.shape) or flow(a, b))
+    sm.main(FAST + ["--subject-steps", "1", "--motion-steps", "1", "--no-mora", "--out", str(tmp_path / "a")])
+    assert calls == []
+    sm.main(FAST + ["--subject-steps", "1", "--motion-steps", "1", "--out", str(tmp_path / "b")])
+    assert calls[0] == (8, 3, 32, 32) and len(calls) == 2  # the reference flows, then one MoRA step
+
+
+def test_motion_frames_that_the_window_cannot_use_end_with_one_line(tiny_wan, capsys):
+    real = ["--model", str(tiny_wan / "wan"), "--dino", str(tw.ASSETS / "encoders" / "dinov2"), "--subject",
+            str(tw.ASSETS / "toy" / "subject"), "--motion", str(tw.ASSETS / "toy" / "motion"), "--raft-weights",
+            str(tiny_wan / "raft.pth"), "--dry-run"]
+    assert "encodes 4k+1 frames; use 5 or 9" in _bad(real + ["--motion-frames", "8"], capsys)
+    assert "shorter than MoRA's window of 6 latents (21 frames" in _bad(real + ["--motion-frames", "9"], capsys)
+    assert "3 or more latents" in _bad(real + ["--motion-frames", "9", "--mora-window", "2"], capsys)
+    assert sm.main(real + ["--motion-frames", "9", "--mora-window", "3"]) is None  # 9 frames = 3 latents: fits
+    assert sm.main(real + ["--motion-frames", "9", "--no-mora"]) is None
+
+
+def test_toy_run_with_bf16_frozen_weights(tmp_path, monkeypatch):
+    """bf16-only bugs show on the CPU: the frozen transformer, text encoder and DINOv2 in bf16, the VAE in fp32."""
+    loaded, load = [], sm.load_models
+    monkeypatch.setattr(sm, "load_models", lambda *a: loaded.append(load(*a)) or loaded[-1])
+    metrics = sm.main(FAST + ["--subject-steps", "2", "--motion-steps", "2", "--num-samples", "1", "--dtype",
+                              "bfloat16", "--out", str(tmp_path / "run")])
+    m, = loaded
+    assert m["transformer"].dtype == m["dino"].dtype == torch.bfloat16 and m["vae"].dtype == torch.float32
+    lora = [p for n, p in m["transformer"].named_parameters() if ".motion." in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)  # trainable parameters stay fp32
+    assert all(v == v for v in metrics.values())  # no NaN
 
 
 def test_every_ablation_is_a_valid_flag_set():
