@@ -7,16 +7,17 @@ steps alternate between the subject photos, repeated into still pseudo-videos an
 target is the noise plus a frame-wise offset noise (one spatial noise map shared by all frames), so that the
 adapters learn how things move rather than what the reference video looks like. Sampling is plain DDIM.
 
-    # a real run (a GPU with ~24 GB; weights from the hub cache or local folders, nothing is downloaded here)
-    python jointtuner.py --subject photos/ --motion dance.mp4
-    python jointtuner.py --subject photos/ --motion clips/ --prompt "a sks dog playing the flute in the snow"
+    # a real run (the paper reports 17 GB; the official code trains in fp16 with gradient checkpointing: add
+    # --grad-ckpt; weights from the hub cache or local folders, nothing is downloaded here)
+    python jointtuner.py --subject photos/ --motion flute.mp4 --prompt "a sks dog playing the flute in the snow"
     # the toy world on a CPU in minutes (toy 3D UNet, bundled toy subject and motion)
     python jointtuner.py --model toy
     python jointtuner.py --model toy --sample-only          # reuse the adapters saved in --out
     python jointtuner.py --model toy --ablate --seeds 3     # Table 3's rows, cumulative, in the toy world
 
-Paper: ../shared/seeds/002 (JointTuner: Adaptive LoRA eq. 6, OFS loss eq. 7, AiT loss eq. 8, Algorithms 1 and 2,
-Table 3's ablations). Facts marked (code) come from the authors' ZeroScope code, where the paper says nothing.
+Paper: "JointTuner: Appearance-Motion Adaptive Joint Training for Customized Video Generation" (Chen, Zhao, Xu
+and Lan, 2025; see CITATION.bib): Adaptive LoRA eq. 6, OFS loss eq. 7, AiT loss eq. 8, Algorithms 1 and 2, Table 3's
+ablations. Facts marked (code) come from the authors' ZeroScope code, where the paper says nothing.
 """
 import argparse
 import functools
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
@@ -44,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--class-word", help="the subject's class (default: SUBJECT/prompt.txt, else 'object')")
     p.add_argument("--motion-caption", help="the motion video's caption, e.g. 'a person playing the flute' "
                                             "(default: the .txt beside the video or caption.txt in its folder)")
-    p.add_argument("--prompt", help="sampling prompt (default: 'a sks <class word> <motion caption>')")
+    p.add_argument("--prompt", help="sampling prompt, the subject doing the motion, e.g. 'a sks dog playing the "
+                                    "flute in the snow' (needed for real models; toy: 'a sks <class> <caption>')")
     p.add_argument("--negative-prompt", default="", help="unconditional prompt of guidance (the paper does not "
                                                          "say; the official script passes a list of defects)")
     p.add_argument("--placeholder", default="sks", help="the subject's identifier word ('' for none, as the code)")
@@ -70,8 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (code)")
     p.add_argument("--batch", type=int, default=1, help="clips per iteration (code: 1)")
     p.add_argument("--ait-lambda", type=float, default=10.0, help="lambda: weight of L_AiT (eq. 8)")
-    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (memory for speed; the code "
-                                                            "uses it)")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of the UNet's blocks (memory "
+                                                            "for speed; the code uses it)")
     # sampling
     p.add_argument("--steps", type=int, default=30, help="DDIM steps (sec. 4.1)")
     p.add_argument("--cfg", type=float, default=12.0, help="classifier-free guidance scale (code: 12; the paper "
@@ -150,6 +153,10 @@ def read_inputs(args):
     sidecar = motion.with_suffix(".txt") if motion.is_file() else motion / "caption.txt"
     motion_caption = args.motion_caption or (sidecar.read_text().strip() if sidecar.is_file() else "moving")
     subject = " ".join(w for w in ("a", args.placeholder, class_word) if w)  # code: 'A bear plushie.'
+    if not args.prompt and args.model != "toy":  # a real caption names its own subject ('a person playing the flute')
+        common.fail(f"--prompt is needed for a real model: the subject doing the motion, as the paper's prompts (e.g. "
+                    f"'{subject} playing the flute in the snow'); the motion caption is {motion_caption!r}")
+    # the toy captions are verb phrases ('moving in a zigzag'), which compose with the subject
     prompts = dict(subject=subject, motion=motion_caption, sample=args.prompt or f"{subject} {motion_caption}")
     if args.placeholder and args.placeholder not in prompts["sample"].split():
         common.fail(f"the prompt {prompts['sample']!r} does not contain the placeholder word {args.placeholder!r}")
@@ -165,8 +172,9 @@ def load_models(args, device, dtype):
     or the toy world's tiny UNet3D, VAE and CLIP for --model toy."""
     if args.model == "toy":
         import toyworld
-        m = dict(unet=toyworld.load_backbone("unet3d"), vae=toyworld.load_vae_for("unet3d"), tokenizer=toyworld.tokenizer("clip"),
-                 text_encoder=toyworld.text_encoder("clip"), scheduler=toyworld.noise_schedule("unet3d"))
+        m = dict(unet=toyworld.load_backbone("unet3d"), vae=toyworld.load_vae_for("unet3d"),
+                 tokenizer=toyworld.tokenizer("clip"), text_encoder=toyworld.text_encoder("clip"),
+                 scheduler=toyworld.noise_schedule("unet3d"))
     else:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
@@ -177,9 +185,17 @@ def load_models(args, device, dtype):
                  # the model's own DDIM config; its alphas_cumprod are also the DDPM forward process of training
                  scheduler=DDIMScheduler.from_pretrained(args.model, subfolder="scheduler"))
         m["vae"].enable_slicing()  # frames go through the VAE one at a time: same result, a fraction of the memory
-    for k in ("unet", "vae", "text_encoder"):
-        m[k] = m[k].to(device).eval().requires_grad_(False)
+    for k in ("unet", "vae", "text_encoder"):  # frozen; the VAE in fp32, the rest in `dtype`
+        m[k] = m[k].to(device, torch.float32 if k == "vae" else dtype).eval().requires_grad_(False)
     return m
+
+
+def checkpoint_blocks(unet):
+    """--grad-ckpt by hand: diffusers' UNet3DConditionModel does not support gradient checkpointing (0.42.1 raises),
+    so each down, mid and up block recomputes its forward in the backward pass (torch.utils.checkpoint; dropout
+    draws the same masks again). The forward is replaced on the instances, so module paths and saved keys stay."""
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 class AdaptiveLoRA(nn.Module):
@@ -205,18 +221,20 @@ class AdaptiveLoRA(nn.Module):
         """Mean of sigmoid(G x) over each video's tokens, per input row. The UNet's linears see frames (spatial:
         B*F rows of h*w tokens) or pixels (temporal: B*h*w rows of F tokens), video-major in both reshapes."""
         n = self.videos or x.shape[0]
-        g = torch.sigmoid(self.gate(x)).reshape(n, -1).mean(1)
+        g = torch.sigmoid(F.linear(x, self.gate.weight.to(x.dtype))).reshape(n, -1).mean(1)
         return g.repeat_interleave(x.shape[0] // n).view(-1, *[1] * (x.ndim - 1))
 
     def forward(self, x):
         out = self.base(x)
         if not self.enabled:
             return out
-        h = x.to(self.lora_A.weight.dtype)  # adapters in fp32 next to a bf16 base
-        delta = self.lora_B(self.lora_A(self.dropout(h)))
+        # computed in the input's dtype with the fp32 weights cast at use (their gradients still arrive in fp32): the
+        # activations kept for the backward pass are then bf16 next to a bf16 base, not fp32 copies of every input
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        delta = F.linear(F.linear(self.dropout(x), a), b)
         if self.gate is not None:
-            delta = delta * self.gate_value(h)
-        return out + delta.to(out.dtype)
+            delta = delta * self.gate_value(x)
+        return out + delta
 
 
 # which linears get an adapter (code): attn1 and the FFN of spatial transformers (their cross-attention attn2 is
@@ -520,7 +538,7 @@ def main(argv=None):
     del m["text_encoder"]
     unet = m["unet"]
     if args.grad_ckpt:
-        unet.enable_gradient_checkpointing()
+        checkpoint_blocks(unet)
     if args.sample_only:
         load_adapters(unet, out / "adapters.safetensors", args.dropout)
     else:

@@ -63,6 +63,58 @@ def test_zero_B_is_exactly_the_base_model():
     assert torch.equal(base(z, t, text).sample, wrapped(z, t, text).sample)
 
 
+def test_adapters_keep_bf16_activations_and_fp32_gradients():
+    """Next to a bf16 base the adapter computes in bf16 (what it saves for the backward pass is bf16, not fp32 copies
+    of its input) while its own weights and their gradients stay fp32."""
+    torch.manual_seed(0)
+    a = jt.AdaptiveLoRA(torch.nn.Linear(8, 6).to(torch.bfloat16).requires_grad_(False), rank=4, dropout=0.1).train()
+    torch.nn.init.normal_(a.lora_B.weight)
+    a.videos = 2
+    x = torch.randn(2 * 3, 5, 8, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        out = a(x)
+    assert out.dtype == torch.bfloat16 and saved and set(saved) == {torch.bfloat16}, saved
+    out.float().square().sum().backward()
+    for p in (a.lora_A.weight, a.lora_B.weight, a.gate.weight):
+        assert p.dtype == p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+
+
+def test_grad_ckpt_checkpoints_the_unet_blocks_by_hand(tmp_path):
+    """diffusers' UNet3DConditionModel refuses enable_gradient_checkpointing: --grad-ckpt checkpoints its blocks
+    itself, with the same loss and gradients (dropout active) and the same saved keys."""
+    assert jt.main(FAST + ["--grad-ckpt", "--out", str(tmp_path / "run")]) is not None  # no ValueError
+    grads = []
+    for ckpt in (False, True):
+        unet, ad = _unet()
+        unet.train()
+        if ckpt:
+            jt.checkpoint_blocks(unet)
+        torch.manual_seed(1)  # the same dropout masks
+        loss = jt.ait_loss(unet, torch.randn(2, C, 3, 8, 8), torch.randn(2, 16, 32),
+                           tw.noise_schedule("unet3d").alphas_cumprod, torch.Generator().manual_seed(0))
+        loss.backward()
+        grads.append([loss] + [p.grad for p in jt.trainable(ad, False)["video"]])
+        keys = set(jt.adapter_state(unet))
+    assert all(torch.allclose(g, h, atol=1e-6) for g, h in zip(*grads))
+    assert len(keys) == 74 * 3 and all(".forward" not in k for k in keys)
+
+
+def test_toy_run_with_bf16_frozen_weights(tmp_path, monkeypatch):
+    """bf16-only bugs show on the CPU: the frozen UNet and text encoder in bf16, the VAE in fp32, adapters fp32."""
+    loaded, load = [], jt.load_models
+    monkeypatch.setattr(jt, "load_models", lambda *a: loaded.append(load(*a)) or loaded[-1])
+    metrics = jt.main(FAST + ["--iterations", "2", "--num-samples", "1", "--dtype", "bfloat16",
+                              "--out", str(tmp_path / "run")])
+    m, = loaded
+    assert m["unet"].dtype == torch.bfloat16 and m["vae"].dtype == torch.float32
+    import safetensors.torch as st
+    sd = st.load_file(tmp_path / "run" / "adapters.safetensors")
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    assert any(v.abs().sum() > 0 for k, v in sd.items() if k.endswith("lora_B.weight"))  # it trained
+    assert all(v == v for v in metrics.values())  # no NaN
+
+
 def test_adapter_placement_and_no_gate():
     unet, ad = _unet(gate=False)
     spatial = [p for p, a in ad.items() if a.kind == "spatial"]
@@ -283,8 +335,10 @@ def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
     common.write_frames(short, tw.motion_clip()[:5])
     assert "has 5 frames, 9 are needed" in _bad(toy + ["--motion", str(short)], capsys)
     assert "does not contain the placeholder" in _bad(toy + ["--prompt", "a star moving left"], capsys)
-    real = ["--subject", str(subj), "--motion", str(mot), "--frames", "9"]
-    assert "neither a local folder nor in the hub cache" in _bad(real + ["--model", str(tmp_path / "no")], capsys)
+    real = ["--subject", str(subj), "--motion", str(mot), "--frames", "9", "--model", str(tmp_path / "no")]
+    assert "--prompt is needed for a real model" in _bad(real, capsys)
+    real += ["--prompt", "a sks star moving in a zigzag"]
+    assert "neither a local folder nor in the hub cache" in _bad(real, capsys)
     assert "holds no adapters" in _bad(toy + ["--sample-only", "--out", str(empty)], capsys)
     assert "no checkpoint" in _bad(toy + ["--resume", "--out", str(empty)], capsys)
     assert "use it with --model toy" in _bad(real + ["--ablate"], capsys)
@@ -346,7 +400,7 @@ def test_the_real_loading_path_at_tiny_size(tmp_path):
     # and the whole real run through main, train then sample-only
     run = ["--model", str(tmp_path / "zeroscope"), "--subject", str(tw.ASSETS / "toy" / "subject"), "--motion",
            str(tw.ASSETS / "toy" / "motion"), "--height", "16", "--width", "16", "--frames", "3", "--max-text-len",
-           "16", "--iterations", "2", "--steps", "2", "--out", str(tmp_path / "run")]
+           "16", "--iterations", "2", "--steps", "2", "--prompt", "a sks star moving", "--out", str(tmp_path / "run")]
     assert jt.main(run) is None
     assert (tmp_path / "run" / "result" / "002.png").is_file() and (tmp_path / "run" / "result_grid.mp4").is_file()
     first = common.read_video(tmp_path / "run" / "result", 3)
