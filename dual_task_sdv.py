@@ -9,15 +9,17 @@ the reference, half of its tokens dropped) keeps the model's motion; otherwise a
 pair (the target is a one-frame video) teaches identity transfer. Sampling is CogVideoX's sampler with guidance on
 the text only; the reference tokens are in both branches.
 
-    # a real run (GPUs; weights from the hub cache or local folders, nothing is downloaded)
-    python dual_task_sdv.py train --pairs PAIRS --videos VIDEOS --out out/dual_task_sdv --grad-ckpt
+    # a real run on 8 GPUs: the paper's global batch of 256 pairs / 32 videos a step, reached by gradient
+    # accumulation (each rank runs --pair-micro pairs or --video-micro videos per forward pass; here 4 passes)
+    torchrun --nproc_per_node 8 dual_task_sdv.py train --pairs PAIRS --videos VIDEOS --out out/dual_task_sdv --grad-ckpt
     python dual_task_sdv.py sample --ckpt out/dual_task_sdv --image ref.png --prompt "a <cls> toy car driving"
     # the toy world on a CPU in minutes: train on toy pairs + videos, then sample held-out (novel) sprites
     python dual_task_sdv.py --model toy
     python dual_task_sdv.py --model toy --p 0          # image-only ablation (the paper: videos freeze)
 
-Sources: ../shared/specs/dual_task_sdv.md (the official inference code's behaviour, in words) and the paper
-(../shared/seeds/001: sections 3-5, supplement A (LoRA, optimiser), B (gradient analysis), D).
+The paper: Kim et al., "Subject-driven Video Generation via Disentangled Identity and Motion" (2025; CITATION.bib):
+sections 3-5, supplement A (LoRA, optimiser, data), B (gradient analysis), D. The official code is inference-only;
+where it decides (reference token positions and modulation, guidance on the text only) we follow it.
 """
 import argparse
 import contextlib
@@ -27,6 +29,7 @@ import os
 import sys
 from pathlib import Path
 
+import imageio.v3 as iio
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -83,10 +86,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--lr-cycles", type=int, default=1, help="hard restarts of the cosine schedule")
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--pair-batch", type=int, default=1, help="image pairs per identity step (per process)")
-    p.add_argument("--video-batch", type=int, default=1, help="videos per motion step (per process)")
+    p.add_argument("--pair-batch", type=int, default=256, help="image pairs per identity step, all processes (sec. 4)")
+    p.add_argument("--video-batch", type=int, default=32, help="videos per motion step, all processes (sec. 4)")
+    p.add_argument("--pair-micro", type=int, default=8, help="at most this many pairs per forward pass and process; "
+                                                              "the rest of --pair-batch is gradient accumulation")
+    p.add_argument("--video-micro", type=int, default=1, help="at most this many videos per forward pass and process")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (memory for speed)")
-    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches per step")
     p.add_argument("--grad-every", type=int, default=0, help="every K steps log cos(g_img, g_vid) and the norms on "
                                                               "fixed held-out batches to grad_log.jsonl (0: off)")
     p.add_argument("--pcgrad", type=int, default=0, choices=[0, 4, 8], help="buffered PCGrad, FIFO of 4 or 8 "
@@ -95,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", type=float, default=6.0)
     p.add_argument("--sampler", choices=["dpm", "ddim"], default="dpm")
-    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--fps", type=int, default=8, help="frame rate of the training clips and of the result (A.2: 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="frozen weights' dtype (auto: bf16 on a GPU that supports it, else fp32)")
@@ -122,7 +127,7 @@ def parse_args(argv=None):
 # 64-wide model (alpha/rank = 0.5 as the paper's), a larger lr, a short warm-up. Steps: see the README timing.
 TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, steps=20, cfg=4.0, sampler="ddim", rank=16,
            lora_alpha=8, lora_dropout=0.0, iterations=2000, lr=1e-3, warmup=20, pair_batch=4, video_batch=2,
-           save_every=200, log_every=50)
+           pair_micro=4, video_micro=2, save_every=200, log_every=50)
 
 # -----------------------------------------------------------------------------
 # data: real folders (lazy, checked up front) and the toy world (in memory)
@@ -209,7 +214,11 @@ class FolderData:
     def __init__(self, args):
         self.pairs, self.videos = read_pairs(args.pairs, args.max_bad), read_videos(args.videos, args.max_bad)
         self.size, self.frames, self.max_bad, self.bad = (args.height, args.width), args.frames, args.max_bad, []
-        self.jitter = args.crop_jitter
+        self.jitter, self.fps = args.crop_jitter, args.fps
+        lacking = next((prompt for *_, prompt in self.pairs if CLS not in prompt), None)
+        if lacking is not None and not args.no_train_cls:  # sec. 3: <cls> is prepended to the subject noun
+            common.fail(f"pair prompt {lacking!r} has no {CLS}, so its embedding would learn nothing from it; write "
+                        f"it before the subject noun ('an {CLS} armchair in the living room') or use --no-train-cls")
 
     def _load(self, records, idx, load, gen):
         out = []
@@ -240,21 +249,27 @@ class FolderData:
         return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got]), [g[2] for g in got]
 
     def video_batch(self, idx, gen):
-        got = self._load(self.videos, idx, lambda r, g: (common.read_video(r[0], self.frames, self.size), r[1]), gen)
+        got = self._load(self.videos, idx, lambda r, g: (read_clip(r[0], self.frames, self.fps, self.size), r[1]), gen)
         return torch.stack([g[0] for g in got]), [g[1] for g in got]
+
+
+def read_clip(path, frames, fps, size):
+    """The first `frames` frames of a video at `fps` (A.2: decoded at the source rate, sub-sampled to 8 fps), not
+    spread over the whole clip, which would train a faster motion on longer clips. Too short a clip is an error."""
+    meta = iio.immeta(path)
+    source_fps = meta.get("fps") or 1000 / meta["duration"]  # ffmpeg gives the rate; a GIF, ms per frame
+    span = round((frames - 1) * source_fps / fps) + 1        # source frames covering frames / fps seconds
+    clip = common.read_video(path, span, size, end=span)     # consecutive frames 0 .. span-1
+    return clip[torch.linspace(0, span - 1, frames).round().long()]
 
 
 def toy_prompt(c, image=False):
     """Toy prompts name neither the sprite's colour, shape nor pattern: '<cls>' stands for the subject, so identity
     must come from the reference tokens ('a picture of a <cls> on a white background')."""
+    import toyworld
     if image:
         return f"a picture of a {CLS} on a {c['background']} background"
-    return f"a {CLS} {toy_motion_words(c['motion'])} on a {c['background']} background"
-
-
-def toy_motion_words(motion):
-    import toyworld
-    return toyworld.MOTION_WORDS[motion]
+    return f"a {CLS} {toyworld.MOTION_WORDS[c['motion']]} on a {c['background']} background"
 
 
 class ToyData:
@@ -288,17 +303,31 @@ class ToyData:
 
 
 def load_models(args, device, dtype):
-    """CogVideoX transformer, VAE, T5 + tokenizer (with <cls> added) and scheduler, or the toy world's pieces."""
-    m = common.load_cogvideox(args.model, args.sampler, dtype)  # the toy tokenizer already knows <cls>
-    if CLS not in m["tokenizer"].get_vocab():  # a new word: a new embedding row (trained with the LoRA)
-        m["tokenizer"].add_tokens([CLS])
-        m["text_encoder"].resize_token_embeddings(len(m["tokenizer"]))
+    """CogVideoX transformer, VAE, T5 + tokenizer (with <cls> added), scheduler, and "cls": the <cls> input
+    embedding as its own fp32 parameter; or the toy world's pieces."""
+    m = common.load_cogvideox(args.model, args.sampler, dtype)
+    cid = add_cls_token(m["tokenizer"], m["text_encoder"])
     cfg = m["transformer"].config
     if not cfg.use_rotary_positional_embeddings or cfg.patch_size_t is not None:
         common.fail(f"--model {args.model}: reference tokens need CogVideoX 1.0 with rotary embeddings (the 5B)")
-    for k in ("transformer", "vae", "text_encoder"):
-        m[k] = m[k].to(device).eval().requires_grad_(False)
+    for k in ("transformer", "vae", "text_encoder"):  # the dtype again: common's toy branch loads fp32
+        m[k] = m[k].to(device, dtype).eval().requires_grad_(False)
+    # <cls>'s row trains as its own fp32 vector, as textual inversion's new word: in T5's bf16 matrix AdamW steps of
+    # lr 5e-5 round away, and every flat gradient (PCGrad, the analysis) would hold the vocabulary x D matrix
+    row = m["text_encoder"].get_input_embeddings().weight[cid]
+    m["cls"] = torch.nn.Parameter(row.detach().float().clone(), requires_grad=False)
     return m
+
+
+def add_cls_token(tokenizer, text_encoder):
+    """Add <cls> to the tokenizer (the toy one knows it) -> its id. T5's matrix has more rows than its tokenizer
+    has tokens (32128 vs 32100): resizing to len(tokenizer) would shrink it, so it only ever grows."""
+    if CLS not in tokenizer.get_vocab():
+        tokenizer.add_tokens([CLS])
+    rows = text_encoder.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        text_encoder.resize_token_embeddings(len(tokenizer))
+    return tokenizer.convert_tokens_to_ids(CLS)
 
 
 def add_lora(transformer, args):
@@ -307,16 +336,15 @@ def add_lora(transformer, args):
                            dropout=args.lora_dropout)
 
 
-def cls_row(tokenizer, text_encoder):
-    """The <cls> token id and the T5 input embedding matrix whose row it is."""
-    return tokenizer.convert_tokens_to_ids(CLS), text_encoder.get_input_embeddings().weight
-
-
-def text_embeds(tokenizer, text_encoder, prompts, max_len):
-    """T5 embeddings (B, L, D) of prompts, differentiable in the embedding matrix when it requires grad (the <cls>
-    row is trained). CogVideoX uses the raw outputs at pad positions."""
-    tok = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
-    return text_encoder(tok.input_ids.to(text_encoder.device)).last_hidden_state.float()
+def text_embeds(m, prompts, max_len):
+    """T5 embeddings (B, L, D) of prompts, with m["cls"] as the input embedding of every <cls> (differentiable in
+    it when it is trained). CogVideoX uses the raw outputs at pad positions."""
+    tokenizer, enc = m["tokenizer"], m["text_encoder"]
+    ids = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True,
+                    return_tensors="pt").input_ids.to(enc.device)
+    x = enc.get_input_embeddings()(ids)
+    x = torch.where(ids[..., None] == tokenizer.convert_tokens_to_ids(CLS), m["cls"].to(x.dtype), x)
+    return enc(inputs_embeds=x).last_hidden_state.float()
 
 
 @torch.no_grad()
@@ -472,51 +500,66 @@ def v_loss(transformer, z0, text, alphas_cumprod, gen, ref=None, keep=None):
     return (weight * (x0 - z0).pow(2).flatten(1).mean(1)).mean()
 
 
-def trainable(transformer, m, args):
-    lora = [p for n, p in transformer.named_parameters() if f".{ADAPTER}." in n]
-    if args.no_train_cls:
-        return lora, None
-    cid, emb = cls_row(m["tokenizer"], m["text_encoder"])
-    emb.requires_grad_(True)
-    mask = torch.zeros(emb.shape[0], 1, device=emb.device)
-    mask[cid] = 1
-    emb.register_hook(lambda g: g * mask.to(g.dtype))  # only the <cls> row learns
-    return lora, emb
+def trainable(m, args):
+    """The LoRA's parameters, then the <cls> row (unless --no-train-cls): the fixed order of every flat gradient."""
+    m["cls"].requires_grad_(not args.no_train_cls)
+    lora = [p for n, p in m["transformer"].named_parameters() if f".{ADAPTER}." in n]
+    return lora + ([m["cls"]] if not args.no_train_cls else [])
 
 
-def step_loss(m, kind, batch, args, gen):
-    """The loss of one task on one batch: "video" = I2V on the whole clip (RandomFrameSelect, TokenDrop; --t2v: no
-    reference), "image" = identity on a one-frame target video conditioned on the reference image."""
-    tr, vae, ac = m["transformer"], m["vae"], m["scheduler"].alphas_cumprod
-    dev = next(tr.parameters()).device
-    enc = lambda prompts: text_embeds(m["tokenizer"], m["text_encoder"], prompts, args.max_text_len)
-    if kind == "video":
-        clips, captions = batch
-        z0, ref, keep = encode_video(vae, clips.to(dev)), None, None
-        if not args.t2v:
-            ref = encode_video(vae, reference_frames(clips, not args.no_random_frame, gen)[:, None].to(dev))
-            keep = token_keep(ref.shape[-2] * ref.shape[-1] // tr.config.patch_size ** 2, len(clips), args.p_drop, gen)
-            keep = keep.to(dev) if keep is not None else None
-        return v_loss(tr, z0, enc(captions), ac, gen, ref, keep)
-    refs, targets, prompts = batch
-    z0, ref = encode_video(vae, targets[:, None].to(dev)), encode_video(vae, refs[:, None].to(dev))
-    return v_loss(tr, z0, enc(prompts), ac, gen, ref)  # a one-frame video on a 2-frame rotary grid
+class DualTaskStep(torch.nn.Module):
+    """The loss of one task on one micro-batch, as a module for DDP to wrap: it holds the trainable parameters (the
+    transformer's LoRA, the <cls> row); VAE and T5 stay in the plain dict m, outside it (frozen, nothing to sync)."""
+
+    def __init__(self, m, args):
+        super().__init__()
+        self.transformer, self.cls, self.m, self.args = m["transformer"], m["cls"], m, args
+
+    def forward(self, kind, batch, gen):
+        """"video" = I2V on the whole clip (RandomFrameSelect, TokenDrop; --t2v: no reference), "image" = identity
+        on a one-frame target video conditioned on the reference image."""
+        tr, vae, ac, args = self.transformer, self.m["vae"], self.m["scheduler"].alphas_cumprod, self.args
+        dev = self.cls.device
+        enc = lambda prompts: text_embeds(self.m, prompts, args.max_text_len)
+        if kind == "video":
+            clips, captions = batch
+            z0, ref, keep = encode_video(vae, clips.to(dev)), None, None
+            if not args.t2v:
+                ref = encode_video(vae, reference_frames(clips, not args.no_random_frame, gen)[:, None].to(dev))
+                n_ref = ref.shape[-2] * ref.shape[-1] // tr.config.patch_size ** 2
+                keep = token_keep(n_ref, len(clips), args.p_drop, gen)
+                keep = keep.to(dev) if keep is not None else None
+            return v_loss(tr, z0, enc(captions), ac, gen, ref, keep)
+        refs, targets, prompts = batch
+        z0, ref = encode_video(vae, targets[:, None].to(dev)), encode_video(vae, refs[:, None].to(dev))
+        return v_loss(tr, z0, enc(prompts), ac, gen, ref)  # a one-frame video on a 2-frame rotary grid
 
 
 # -----------------------------------------------------------------------------
-# data parallelism (torchrun), flat gradients, gradient monitoring and buffered PCGrad
+# data parallelism (torchrun, DDP), flat gradients, gradient monitoring and buffered PCGrad
 
 
-def ddp_setup():
-    """(rank, world): torch.distributed under torchrun (NCCL on GPUs, gloo on CPUs), else (0, 1)."""
+def ddp_setup(device):
+    """(rank, world, device). Under torchrun this process's GPU is cuda:LOCAL_RANK, chosen before any model loads
+    (else every rank's weights land on GPU 0), and torch.distributed starts (NCCL on GPUs, gloo on CPUs)."""
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
+        return 0, 1, device
     import torch.distributed as dist
     if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def micro_batches(batch, micro, world, flag):
+    """(samples per forward pass and process, passes per step) with micro x passes x world = batch: sec. 4's 256
+    pairs / 32 videos a step on any number of GPUs, by gradient accumulation."""
+    micro = min(micro, max(batch // world, 1))
+    if batch % (micro * world):
+        common.fail(f"--{flag}-batch {batch} is not a multiple of {micro} (--{flag}-micro) x {world} processes")
+    return micro, batch // (micro * world)
 
 
 def flat_grad(params):
@@ -529,15 +572,6 @@ def set_flat_grad(params, flat):
     for p in params:
         p.grad = flat[i:i + p.numel()].view_as(p).to(p.dtype).clone()
         i += p.numel()
-
-
-def average_across_ranks(flat, world):
-    """The mean of a flat tensor over ranks (what DDP's all-reduce does to gradients)."""
-    if world > 1:
-        import torch.distributed as dist
-        dist.all_reduce(flat)
-        flat /= world
-    return flat
 
 
 def pcgrad_project(g, other, eps=1e-12):
@@ -563,15 +597,16 @@ class PCGradBuffer:
         return g if other is None else pcgrad_project(g, other)
 
 
-def grad_probe(m, params, probe, args, world):
-    """cos(g_img, g_vid), ||g_img||, ||g_vid|| on the fixed held-out batches (fixed noise too), averaged over ranks
-    like the pre-sync capture of supplement B; the parameters' gradients are cleared afterwards."""
+def grad_probe(model, params, probe, args):
+    """cos(g_img, g_vid), ||g_img||, ||g_vid|| on the fixed validation batches (fixed noise too); the parameters'
+    gradients are cleared afterwards. One backward per task: under DDP its all-reduce gives the mean over ranks of
+    the task's gradient, which is what B.1 computes from the pre-sync capture (sum over ranks / world)."""
     g = {}
     for kind, batch in probe.items():
         for p in params:
             p.grad = None
-        step_loss(m, kind, batch, args, torch.Generator().manual_seed(args.seed + 777)).backward()
-        g[kind] = average_across_ranks(flat_grad(params), world)
+        model(kind, batch, torch.Generator().manual_seed(args.seed + 777)).backward()
+        g[kind] = flat_grad(params)
     for p in params:
         p.grad = None
     return dict(cos=float(F.cosine_similarity(g["image"], g["video"], dim=0)), norm_img=float(g["image"].norm()),
@@ -579,8 +614,7 @@ def grad_probe(m, params, probe, args, world):
 
 
 def plot_grad_log(logs, png):
-    """Fig. 5: the gradient cosine over steps (and the norms) of one or more runs {label: grad_log.jsonl}, if
-    matplotlib is installed."""
+    """Fig. 5: the gradient cosine over steps (and the norms) of runs {label: grad_log.jsonl}, if matplotlib is."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -590,10 +624,8 @@ def plot_grad_log(logs, png):
     fig, ax = plt.subplots(1, 2, figsize=(9, 3))
     for label, path in logs.items():
         rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
-        steps = [r["step"] for r in rows]
-        ax[0].plot(steps, [r["cos"] for r in rows], label=label)
-        for k, style in (("norm_img", "-"), ("norm_vid", "--")):
-            ax[1].plot(steps, [r[k] for r in rows], style, label=f"{k} {label}".strip())
+        for a, k, style in ((ax[0], "cos", "-"), (ax[1], "norm_img", "-"), (ax[1], "norm_vid", "--")):
+            a.plot([r["step"] for r in rows], [r[k] for r in rows], style, label=f"{k} {label}".strip())
     ax[0].axhline(0, color="gray", lw=0.5)
     ax[0].set(xlabel="step", ylabel="cos(g_img, g_vid)")
     ax[1].set(xlabel="step", ylabel="gradient norm")
@@ -604,65 +636,75 @@ def plot_grad_log(logs, png):
     plt.close(fig)
 
 
-def shard(n, rank, world):
-    """A DistributedSampler-style split: rank r draws from records r, r + world, ..."""
-    idx = torch.arange(rank, n, world)
-    return idx if len(idx) else torch.arange(n)
+def validation_split(n, n_val, seed):
+    """B.1 measures on a validation split disjoint from training: n_val records, drawn with a seed that every rank
+    shares, leave the training pool -> (training indices, validation indices)."""
+    if n_val >= n:
+        common.fail(f"{n} records leave none to train on after a validation split of {n_val} (--grad-every)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val]
 
 
-def train(m, data, args, out, rank=0, world=1):
+def shard(pool, rank, world):
+    """A DistributedSampler-style split of the indices in pool: rank r draws from pool[r], pool[r + world], ..."""
+    mine = pool[rank::world]
+    return mine if len(mine) else pool
+
+
+def train(m, data, args, out, batches, rank=0, world=1):
     """Algorithm 1: each step is a video (I2V) or an identity (one-frame) step, drawn by a task generator seeded the
-    same on every rank; data and noise use per-rank generators. Gradients are averaged over ranks by hand (our
-    forward does not go through transformer.forward, which DDP's wrapper would need): the same update as DDP."""
+    same on every rank; data and noise use per-rank generators; DDP averages the gradients over ranks. batches:
+    {kind: (micro-batch, passes)}. Returns the trained parameters."""
     from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
-    tr = m["transformer"]
-    lora, emb = trainable(tr, m, args)
-    params = lora + ([emb] if emb is not None else [])
-    groups = [dict(params=lora)] + ([dict(params=[emb], weight_decay=0.0)] if emb is not None else [])
+    tr, params, model = m["transformer"], trainable(m, args), DualTaskStep(m, args)
+    if world > 1:  # backward averages the gradients over ranks. DDP first broadcasts rank 0's weights (the frozen
+        # transformer's too): all ranks start equal. A video caption without <cls> leaves that row unused.
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
+    lora = [p for p in params if p is not m["cls"]]
+    groups = [dict(params=lora)] + ([dict(params=[m["cls"]], weight_decay=0.0)] if len(lora) < len(params) else [])
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     sched = get_cosine_with_hard_restarts_schedule_with_warmup(opt, args.warmup, args.iterations, args.lr_cycles)
     gen = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)       # data + noise: per rank
     tasks = TaskSampler(args.seed, args.p, args.iterations // 2 if args.two_stage else None)  # the same on all ranks
     pcgrad = PCGradBuffer(args.pcgrad) if args.pcgrad else None
-    state = load_state(out, tr, emb) if args.resume else {}
+    state = load_state(out, tr, m["cls"]) if args.resume else {}
     if state.get("opt"):
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"][rank] if isinstance(state["gen"], list) else state["gen"])
         tasks.gen.set_state(state["tasks"])
-    pair_idx, video_idx = shard(len(data.pairs), rank, world), shard(len(data.videos), rank, world)
-    draw = lambda pool, b, g: pool[torch.randint(len(pool), (b,), generator=g)]
+    pools = dict(image=torch.arange(len(data.pairs)), video=torch.arange(len(data.videos)))
+    load = dict(image=data.pair_batch, video=data.video_batch)
     probe = None
-    if args.grad_every:  # fixed held-out mini-batches (the same every time; drawn from a generator of their own)
-        pg = torch.Generator().manual_seed(args.seed + 999)
-        probe = dict(image=data.pair_batch(draw(pair_idx, args.pair_batch, pg), pg),
-                     video=data.video_batch(draw(video_idx, args.video_batch, pg), pg))
+    if args.grad_every:  # one fixed validation mini-batch per task and rank, the same every time
+        val, pg = {}, torch.Generator().manual_seed(args.seed + 999)
+        for kind, (micro, _) in batches.items():
+            pools[kind], val[kind] = validation_split(len(pools[kind]), micro * world, args.seed)
+        probe = {kind: load[kind](val[kind][rank::world], pg) for kind in ("image", "video")}
+    pools = {kind: shard(pool, rank, world) for kind, pool in pools.items()}
+    draw = lambda pool, b, g: pool[torch.randint(len(pool), (b,), generator=g)]
     log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
     if probe is not None and rank == 0 and not args.resume:  # a new run's probe log starts afresh, as log.jsonl does
         (out / "grad_log.jsonl").unlink(missing_ok=True)
-    tr.train()
+    model.train()
     bar = tqdm(range(state.get("step", 0), args.iterations), desc="dual-task", disable=None if rank == 0 else True)
     for step in bar:
         if probe is not None and step % args.grad_every == 0:
-            stats = grad_probe(m, params, probe, args, world)
+            stats = grad_probe(model, params, probe, args)
             if rank == 0:
                 with open(out / "grad_log.jsonl", "a") as f:
                     f.write(json.dumps(dict(step=step, **stats)) + "\n")
         kind = "video" if tasks(step) else "image"
+        (micro, passes), total = batches[kind], 0.0
         opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(args.accum):
-            if kind == "video":
-                batch = data.video_batch(draw(video_idx, args.video_batch, gen), gen)
-            else:
-                batch = data.pair_batch(draw(pair_idx, args.pair_batch, gen), gen)
-            loss = step_loss(m, kind, batch, args, gen) / args.accum
-            common.check_finite(loss, step)
-            loss.backward()
+        for i in range(passes):  # gradient accumulation: DDP all-reduces once, in the last pass's backward
+            with model.no_sync() if world > 1 and i < passes - 1 else contextlib.nullcontext():
+                loss = model(kind, load[kind](draw(pools[kind], micro, gen), gen), gen) / passes
+                common.check_finite(loss, step)
+                loss.backward()
             total += loss.item()
-        if world > 1 or pcgrad is not None:
-            g = average_across_ranks(flat_grad(params), world)
-            set_flat_grad(params, pcgrad(kind, g) if pcgrad is not None else g)
+        if pcgrad is not None:  # on the averaged gradient: every rank projects the same vector
+            set_flat_grad(params, pcgrad(kind, flat_grad(params)))
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
         sched.step()
@@ -670,18 +712,18 @@ def train(m, data, args, out, rank=0, world=1):
         if rank == 0:
             log(step + 1, bar, **last, lr=sched.get_last_lr()[0])
         if (step + 1) % args.save_every == 0 and step + 1 < args.iterations:
-            save_state(out, tr, emb, step + 1, opt, sched, gen, tasks, rank, world)
+            save_state(out, tr, m["cls"], step + 1, opt, sched, gen, tasks, rank, world)
     if probe is not None and rank == 0 and (out / "grad_log.jsonl").is_file():
         plot_grad_log({"": out / "grad_log.jsonl"}, out / "grad_log.png")
-    tr.eval()
-    return emb
+    model.eval()
+    return params
 
 
 def lora_state(tr):
     return {n: p.detach().float().cpu().contiguous() for n, p in tr.named_parameters() if f".{ADAPTER}." in n}
 
 
-def save_state(out, tr, emb, step, opt, sched, gen, tasks, rank=0, world=1):
+def save_state(out, tr, cls, step, opt, sched, gen, tasks, rank=0, world=1):
     """Rank 0 writes; the per-rank data/noise generator states are gathered so that --resume continues each rank."""
     gens = [gen.get_state()]
     if world > 1:
@@ -689,29 +731,26 @@ def save_state(out, tr, emb, step, opt, sched, gen, tasks, rank=0, world=1):
         gens = [None] * world
         dist.all_gather_object(gens, gen.get_state())
     if rank == 0:
-        common.save_atomic(dict(step=step, lora=lora_state(tr), emb=None if emb is None else emb.detach().cpu(),
-                                opt=opt.state_dict(), sched=sched.state_dict(), gen=gens,
-                                tasks=tasks.gen.get_state(), rng=common.rng_state()), out / "ckpt.pt")
+        common.save_atomic(dict(step=step, lora=lora_state(tr), cls=cls.detach().cpu(), opt=opt.state_dict(),
+                                sched=sched.state_dict(), gen=gens, tasks=tasks.gen.get_state(),
+                                rng=common.rng_state()), out / "ckpt.pt")
 
 
-def load_state(out, tr, emb):
+def load_state(out, tr, cls):
     state = common.load_checkpoint(out / "ckpt.pt")
     tr.load_state_dict(state["lora"], strict=False)
-    if emb is not None and state["emb"] is not None:
-        emb.data.copy_(state["emb"])
+    cls.data.copy_(state["cls"])
     common.set_rng_state(state["rng"])
     return state
 
 
 # lora.safetensors: the LoRA's weights under their peft module names (lora_A/lora_B.dtsdv) and "cls_embedding"
-# (the trained T5 input row of <cls>, (D,)); metadata: rank, alpha, targets, model, iterations, p
+# (the trained T5 input row of <cls>, (D,), fp32); metadata: rank, alpha, targets, model, iterations, p
 
 
 def save_lora(tr, m, args, path):
     from safetensors.torch import save_file
-    sd = lora_state(tr)
-    cid, emb = cls_row(m["tokenizer"], m["text_encoder"])
-    sd["cls_embedding"] = emb[cid].detach().float().cpu().contiguous()
+    sd = dict(lora_state(tr), cls_embedding=m["cls"].detach().float().cpu().contiguous())
     meta = dict(method="dual_task_sdv", model=args.model, rank=str(args.rank), alpha=str(args.lora_alpha),
                 targets=json.dumps(LORA_TARGETS), iterations=str(args.iterations), p=str(args.p))
     common.save_atomic(sd, path, lambda s, q: save_file(s, q, metadata=meta))
@@ -719,18 +758,14 @@ def save_lora(tr, m, args, path):
 
 def load_lora(tr, m, path):
     from safetensors import safe_open
-    from safetensors.torch import load_file
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     common.add_lora(tr, ADAPTER, int(meta["rank"]), json.loads(meta["targets"]), alpha=float(meta["alpha"]))
-    sd = load_file(str(path))
-    cls = sd.pop("cls_embedding")
+    m["cls"].data.copy_(sd.pop("cls_embedding"))
     missing = set(sd) - {n for n, _ in tr.named_parameters()}
     if missing:
         common.fail(f"{path} does not fit this --model ({len(missing)} unknown weights); train again")
     tr.load_state_dict(sd, strict=False)
-    cid, emb = cls_row(m["tokenizer"], m["text_encoder"])
-    emb.data[cid] = cls.to(emb.dtype)
     return meta
 
 
@@ -762,8 +797,7 @@ def generate(m, image, prompt, args, seed):
     tr, vae = m["transformer"], m["vae"]
     dev = next(tr.parameters()).device
     with torch.no_grad():
-        text = text_embeds(m["tokenizer"], m["text_encoder"], [prompt], args.max_text_len)
-        uncond = text_embeds(m["tokenizer"], m["text_encoder"], [args.negative_prompt], args.max_text_len)
+        text, uncond = (text_embeds(m, [x], args.max_text_len) for x in (prompt, args.negative_prompt))
     ref = encode_video(vae, image[None, None].to(dev))
     gen = torch.Generator().manual_seed(seed)
     t_lat = (args.frames - 1) // vae.config.temporal_compression_ratio + 1
@@ -844,6 +878,10 @@ def main(argv=None):
     elif args.mode == "toy":
         data = ToyData(args.toy_pairs, args.toy_videos, args.seed)
     device, dtype = common.device_and_dtype(args.dtype)
+    rank, world, device = ddp_setup(device)  # before loading: each rank's weights on its own GPU
+    if data is not None:
+        batches = dict(image=micro_batches(args.pair_batch, args.pair_micro, world, "pair"),
+                       video=micro_batches(args.video_batch, args.video_micro, world, "video"))
     common.seed_everything(args.seed)
     m = load_models(args, device, dtype)
     out.mkdir(parents=True, exist_ok=True)
@@ -858,26 +896,14 @@ def main(argv=None):
         common.write_video(out / "result.mp4", video, args.fps, upscale=8 if args.model == "toy" else 1)
         print(f"wrote {out / 'result.mp4'} ({args.prompt!r})")
         return None
-    rank, world = ddp_setup()
     if rank == 0:
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     add_lora(tr, args)
     print(f"rank {rank}/{world}: " if world > 1 else "", end="")
     print(f"LoRA: {sum(p.numel() for n, p in tr.named_parameters() if f'.{ADAPTER}.' in n) / 1e6:.2f} M parameters "
           f"on {len(common.lora_layers(tr))} layers; pairs {len(data.pairs)}, videos {len(data.videos)}; "
-          f"{args.iterations} steps, p {args.p}, p_drop {args.p_drop}")
-    emb = train(m, data, args, out, rank, world)
-    m["text_encoder"].requires_grad_(False)
-    if world > 1:  # a cheap guard: every rank must hold the same weights after training
-        import torch.distributed as dist
-        ours = [p for n, p in tr.named_parameters() if f".{ADAPTER}." in n] + ([emb] if emb is not None else [])
-        mine = torch.cat([p.detach().float().flatten() for p in ours])
-        ref = mine.clone()
-        dist.broadcast(ref, 0)
-        diff = torch.tensor([float((mine - ref).abs().max())])
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-        if rank == 0:
-            print(f"ranks in sync: max |w - w_rank0| = {float(diff):.3g}")
+          f"{args.iterations} steps, p {args.p}, p_drop {args.p_drop}; per step (micro-batch, passes) {batches}")
+    train(m, data, args, out, batches, rank, world)  # DDP keeps the ranks' weights equal: rank 0's are saved
     result = None
     if rank == 0:
         save_lora(tr, m, args, out / "lora.safetensors")

@@ -172,8 +172,8 @@ def test_unreadable_training_file_is_skipped_not_fatal_and_jitter_crops(tmp_path
     vids = tmp_path / "v"
     common.write_video(vids / "0.gif", tw.render(tw.random_concepts(1, torch.Generator().manual_seed(0)))[0], 4)
     (vids / "0.txt").write_text("a dog")
-    data = dts.FolderData(argparse.Namespace(pairs=tmp_path, videos=vids, height=32, width=32, frames=9,
-                                             max_bad=0.5, crop_jitter=0.0))
+    data = dts.FolderData(argparse.Namespace(pairs=tmp_path, videos=vids, height=32, width=32, frames=9, fps=4,
+                                             max_bad=0.5, crop_jitter=0.0, no_train_cls=False))
     ref, target, _ = data.pair_batch(torch.tensor([1, 0]), torch.Generator().manual_seed(0))  # b.png is bad
     assert ref.shape == (2, 3, 32, 32) and torch.allclose(ref[0], ref[1])
     err = capsys.readouterr().err
@@ -198,8 +198,7 @@ def test_toy_run_trains_saves_and_samples_and_sample_mode_reloads(tmp_path):
     from safetensors.torch import load_file
     sd = load_file(str(out / "lora.safetensors"))
     tok, enc = tw.tokenizer("t5"), tw.text_encoder("t5")
-    cid, emb = dts.cls_row(tok, enc)
-    assert not torch.equal(sd["cls_embedding"], emb[cid])
+    assert not torch.equal(sd["cls_embedding"], enc.get_input_embeddings().weight[dts.add_cls_token(tok, enc)])
     # sample mode with a reference image file
     ref = tw.render([dict(tw.SUBJECT, background="white")], frames=1)[0]
     common.write_frames(tmp_path / "ref", ref)
@@ -253,19 +252,50 @@ def test_grad_monitoring_and_pcgrad_run(tmp_path):
     assert [json.loads(x)["step"] for x in (out / "grad_log.jsonl").read_text().splitlines()] == [0, 2]
 
 
-def test_two_process_gloo_run(tmp_path):
+RANK_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+import dual_task_sdv as dts
+DDP, seen = torch.nn.parallel.DistributedDataParallel, dict(forward=0, no_sync=0)
+forward, no_sync, train = DDP.forward, DDP.no_sync, dts.train
+def count(name, real):
+    def counted(*a, **k):
+        seen[name] += 1
+        return real(*a, **k)
+    return counted
+def checked_train(m, *a, **k):
+    train(m, *a, **k)
+    w = torch.cat([p.detach().flatten() for n, p in m["transformer"].named_parameters() if "lora_" in n] + [m["cls"]])
+    w0 = w.clone()
+    dist.broadcast(w0, 0)
+    seen["divergence"] = float((w - w0).abs().max())
+DDP.forward, DDP.no_sync, dts.train = count("forward", forward), count("no_sync", no_sync), checked_train
+dts.main(sys.argv[1:])
+out = Path(sys.argv[sys.argv.index("--out") + 1])
+(out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
+"""
+
+
+def test_two_process_gloo_run_trains_through_ddp_and_keeps_the_ranks_equal(tmp_path):
     import os
     import subprocess
     import sys
     from pathlib import Path
     root = Path(dts.__file__).resolve().parent
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    (tmp_path / "run.py").write_text(RANK_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+    out = tmp_path / "d"
+    # 4 pairs a step over 2 ranks of 1 pair per pass: 2 passes, the first under no_sync
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(root / "dual_task_sdv.py")] + FAST + ["--out", str(tmp_path / "d"), "--accum", "2"]
+           str(tmp_path / "run.py")] + FAST + ["--out", str(out), "--pair-micro", "1", "--grad-every", "2",
+                                               "--pcgrad", "4"]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "ranks in sync: max |w - w_rank0| = 0" in r.stdout
-    assert (tmp_path / "d" / "lora.safetensors").is_file() and (tmp_path / "d" / "metrics.json").is_file()
+    ranks = [json.loads((out / f"rank{k}.json").read_text()) for k in range(2)]
+    assert all(s["forward"] > 0 and s["no_sync"] > 0 and s["divergence"] == 0 for s in ranks), ranks
+    assert (out / "lora.safetensors").is_file() and (out / "metrics.json").is_file()
+    assert [json.loads(x)["step"] for x in (out / "grad_log.jsonl").read_text().splitlines()] == [0, 2]
 
 
 def test_train_mode_on_folders_with_the_toy_backbone(tmp_path, capsys):
@@ -285,8 +315,8 @@ def test_train_mode_on_folders_with_the_toy_backbone(tmp_path, capsys):
     for i, v in enumerate(clips):
         common.write_video(vids / f"v{i}.gif", v, 4)
         (vids / f"v{i}.txt").write_text(dts.toy_prompt(c[i]))
-    data = dts.FolderData(argparse.Namespace(pairs=pairs, videos=vids, height=32, width=32, frames=9, max_bad=0.0,
-                                                crop_jitter=0.0))
+    data = dts.FolderData(argparse.Namespace(pairs=pairs, videos=vids, height=32, width=32, frames=9, fps=4,
+                                             max_bad=0.0, crop_jitter=0.0, no_train_cls=False))
     ref, target, _ = data.pair_batch(torch.tensor([3]), None)
     assert torch.allclose(ref[0], imgs[0], atol=1e-2) and torch.allclose(target[0], imgs[1], atol=1e-2)
     out = tmp_path / "run"
@@ -306,3 +336,119 @@ def test_ablate_runs_every_variant_and_plots_the_two_gradient_cosines(tmp_path, 
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["p"] == 0.0
     assert (tmp_path / "results" / "dual_task_sdv" / "grad_cosine.png").stat().st_size > 1000
+
+
+def test_each_rank_loads_its_models_on_its_own_gpu(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(common, "device_and_dtype", lambda choice: (torch.device("cuda"), torch.bfloat16))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append(("set_device", d)))
+
+    def stop(args, device, dtype):
+        seen.append(("load", device))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(dts, "load_models", stop)
+    with pytest.raises(RuntimeError, match="stop"):
+        dts.main(FAST + ["--out", str(tmp_path)])
+    assert seen == [("set_device", torch.device("cuda", 1)), ("load", torch.device("cuda", 1))]
+
+
+def test_toy_run_with_bf16_frozen_weights_trains_the_cls_row_as_its_own_fp32_parameter(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    seen, train = {}, dts.train
+    monkeypatch.setattr(dts, "train", lambda m, *a: seen.setdefault("m", m) and train(m, *a))
+    out = tmp_path / "bf16"
+    metrics = dts.main(FAST + ["--out", str(out), "--dtype", "bfloat16"])
+    assert all(v == v for v in metrics.values())                     # finite, not NaN
+    m = seen["m"]
+    row = m["text_encoder"].get_input_embeddings().weight
+    assert row.dtype == torch.bfloat16 and m["cls"].dtype == torch.float32 and m["cls"].shape == row.shape[1:]
+    params = dts.trainable(m, argparse.Namespace(no_train_cls=False))
+    lora = sum(p.numel() for n, p in m["transformer"].named_parameters() if "lora_" in n)
+    assert sum(p.numel() for p in params) == lora + row.shape[1]     # one row in the flat gradient, not the matrix
+    assert all(p.dtype == torch.float32 for p in params)
+    # every entry learned: AdamW steps of lr ~1e-3 round away in a bf16 row wherever |entry| > ~0.25 (a bf16 row
+    # moves 41% of its entries here)
+    tok, enc = tw.tokenizer("t5"), tw.text_encoder("t5")
+    start = enc.get_input_embeddings().weight[dts.add_cls_token(tok, enc)].bfloat16().float()
+    moved = load_file(str(out / "lora.safetensors"))["cls_embedding"] != start
+    assert moved.float().mean() > 0.9
+
+
+def test_adding_cls_never_shrinks_the_t5_embedding_matrix():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    def tokenizer():
+        tok = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "cat": 4}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+    small = dict(d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    padded = T5EncoderModel(T5Config(vocab_size=16, **small))        # as T5-XXL: 32128 rows for 32100 tokens
+    assert dts.add_cls_token(tokenizer(), padded) == 5 and padded.get_input_embeddings().weight.shape[0] == 16
+    exact = T5EncoderModel(T5Config(vocab_size=5, **small))
+    assert dts.add_cls_token(tokenizer(), exact) == 5 and exact.get_input_embeddings().weight.shape[0] == 6
+
+
+def test_gradient_analysis_measures_on_a_disjoint_validation_split(tmp_path, monkeypatch):
+    drawn = {"pair_batch": [], "video_batch": []}
+    for name in drawn:
+        real = getattr(dts.ToyData, name)
+        monkeypatch.setattr(dts.ToyData, name, lambda self, idx, gen, name=name, real=real:
+                            drawn[name].append(set(idx.tolist())) or real(self, idx, gen))
+    dts.main(FAST + ["--out", str(tmp_path), "--grad-every", "2", "--p", "0.5"])
+    for name, sets in drawn.items():
+        probe, trained = sets[0], set().union(*sets[1:])              # the probe's batch is drawn first
+        assert probe and trained and not probe & trained, name
+
+
+def test_training_clips_are_taken_at_the_training_fps_from_the_start(tmp_path):
+    vids = tmp_path / "v"
+    ramp = torch.linspace(-1, 1, 40)[:, None, None, None].expand(40, 3, 8, 8)  # frame i has brightness i
+    common.write_video(vids / "c.gif", ramp, fps=20)                            # 2 s at 20 fps
+    (vids / "c.txt").write_text("a dog")
+    common.write_frames(tmp_path / "p", ramp[:1])
+    (tmp_path / "p" / "pairs.jsonl").write_text(json.dumps(dict(ref="000.png", target="000.png", prompt="a <cls>")))
+    data = dts.FolderData(argparse.Namespace(pairs=tmp_path / "p", videos=vids, height=8, width=8, frames=5, fps=8,
+                                             max_bad=0.0, crop_jitter=0.0, no_train_cls=False))
+    clip = data.video_batch(torch.tensor([0]), torch.Generator())[0][0]
+    assert ((clip[:, 0, 0, 0] + 1) / 2 * 39).round().tolist() == [0, 2, 5, 8, 10]  # every 2.5th frame: 8 fps
+    with pytest.raises(SystemExit) as e:                                         # 2 s hold 17 frames at 8 fps
+        dts.read_clip(vids / "c.gif", 18, 8, (8, 8))
+    assert e.value.code == 2
+
+
+def test_the_papers_batch_is_reached_by_gradient_accumulation(tmp_path, monkeypatch):
+    assert dts.micro_batches(256, 8, 8, "pair") == (8, 4) and dts.micro_batches(32, 1, 8, "video") == (1, 4)
+    assert dts.micro_batches(32, 1, 1, "video") == (1, 32) and dts.micro_batches(2, 4, 1, "pair") == (2, 1)
+    with pytest.raises(SystemExit) as e:
+        dts.micro_batches(32, 3, 2, "video")
+    assert e.value.code == 2
+    sizes, real = [], dts.DualTaskStep.forward
+    monkeypatch.setattr(dts.DualTaskStep, "forward", lambda self, kind, batch, gen: sizes.append(len(batch[0])) or
+                        real(self, kind, batch, gen))
+    dts.main(FAST + ["--out", str(tmp_path), "--p", "0", "--pair-batch", "4", "--pair-micro", "1"])
+    assert sizes == [1] * 16                                         # 4 steps of 4 one-pair passes
+
+
+def test_a_pair_prompt_without_cls_stops_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(dict(ref="a.png", target="a.png", prompt=p)) + "\n"
+                                                  for p in ["a <cls> cat", "a cat on a sofa"]))
+    vids = tmp_path / "v"
+    common.write_video(vids / "0.gif", torch.zeros(9, 3, 8, 8), 4)
+    (vids / "0.txt").write_text("a dog")
+    monkeypatch.setattr(dts, "load_models", lambda *a: pytest.fail("the models were loaded"))
+    with pytest.raises(SystemExit) as e:
+        dts.main(["train", "--model", "toy", "--pairs", str(tmp_path), "--videos", str(vids), "--out",
+                  str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "'a cat on a sofa' has no <cls>" in err
+
+
+def test_the_docstring_cites_the_paper_not_a_path_outside_the_repo():
+    assert "../shared" not in dts.__doc__ and "Disentangled Identity and Motion" in dts.__doc__
