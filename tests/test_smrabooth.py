@@ -238,9 +238,12 @@ def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
     assert "does not contain the placeholder" in _bad(["--model", "toy", "--prompt", "a star moving left"], capsys)
     real = ["--subject", str(subj), "--motion", str(mot), "--motion-frames", "9"]
     assert "neither a local folder nor in the hub cache" in _bad(real + ["--model", str(tmp_path / "no-model")], capsys)
-    assert "--dino 'facebook/dinov2-giant' is neither" in _bad(real + ["--model", str(empty)], capsys)
+    wan = tmp_path / "wan"  # a model folder as far as the checks before loading can tell
+    wan.mkdir()
+    (wan / "model_index.json").write_text("{}")
+    assert "--dino 'facebook/dinov2-giant' is neither" in _bad(real + ["--model", str(wan)], capsys)
     dino = ["--dino", str(tw.ASSETS / "encoders" / "dinov2")]
-    assert "RAFT weights" in _bad(real + dino + ["--model", str(empty)], capsys)
+    assert "RAFT weights" in _bad(real + dino + ["--model", str(wan)], capsys)
     out = tmp_path / "out"
     out.mkdir()
     (out / "result.mp4").write_bytes(b"earlier")
