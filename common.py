@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -94,6 +95,7 @@ def check_numbers(args, at_least_one=(), at_least_zero=(), positive=(), unit=())
 
 
 RUN_FILES = ("config.json", "ckpt.pt", "metrics.json", "log.jsonl")
+RESULT_FILES = ("result", "result.mp4", "result_grid.mp4", "metrics.json")
 
 
 def check_out(out, resume=False, sample_only=False, overwrite=False):
@@ -108,10 +110,23 @@ def check_out(out, resume=False, sample_only=False, overwrite=False):
              f"sample from it, --overwrite to replace it, or choose another --out")
 
 
+def clear_run(out, weights):
+    """--overwrite: the earlier run's files go before the new run writes any, so a crash leaves a resumable new run
+    (its ckpt.pt), never old weights beside a new config. Only the files a run writes are removed."""
+    out = Path(out)
+    for name in (*RUN_FILES, *RESULT_FILES, *weights):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+        else:
+            (out / name).unlink(missing_ok=True)
+
+
 def check_pretrained(name, flag, filename="model_index.json"):
     """A hub id or folder must be loadable offline: a local folder, or already in the Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
     if Path(name).is_dir():
+        if not (Path(name) / filename).is_file():
+            fail(f"{flag} {name} holds no {filename}: point it at the model's folder (as save_pretrained writes it)")
         return
     try:
         cached = isinstance(try_to_load_from_cache(name, filename), str)
@@ -137,7 +152,7 @@ def read_rgb(path):
         if im.mode.startswith("I"):  # 16-bit grey ("I;16", or "I" for a 16-bit PNG): PIL's convert("RGB") clips
             a = (np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8)
             return np.repeat(a[..., None], 3, axis=-1)
-        return np.asarray(im.convert("RGB"))
+        return np.array(im.convert("RGB"))
 
 
 def to_tensor(image):
@@ -229,17 +244,26 @@ def write_result(out, videos, images, motion, prompt, fps, toy=False):
     first, result_grid.mp4 (subject | motion | every sample) and, in the toy world, metrics.json with the mean over
     the N samples (returned)."""
     up = 8 if toy else 1  # 32x32 toy clips are too small to look at
-    write_frames(out / "result", videos[0])
-    write_video(out / "result.mp4", videos[0], fps, upscale=up)
-    write_video(out / "result_grid.mp4", side_by_side([images[:1], motion, *videos]), fps, upscale=up)
+    tmp = Path(out) / ".result.tmp"  # everything is written here first, then moved into place: a crash while
+    shutil.rmtree(tmp, ignore_errors=True)  # writing leaves the earlier result whole
+    write_frames(tmp / "result", videos[0])
+    write_video(tmp / "result.mp4", videos[0], fps, upscale=up)
+    write_video(tmp / "result_grid.mp4", side_by_side([images[:1], motion, *videos]), fps, upscale=up)
+    metrics = None
+    if toy:
+        import toyworld
+        each = [toyworld.evaluate(v, list(images), motion) for v in videos]
+        metrics = {k: sum(e[k] for e in each) / len(each) for k in each[0]}
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    for name in RESULT_FILES:
+        if (tmp / name).exists():
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            os.replace(tmp / name, out / name)
+    tmp.rmdir()
     print(f"wrote {out / 'result.mp4'} and {out / 'result_grid.mp4'} ({prompt!r}, {len(videos)} sample(s))")
-    if not toy:
-        return None
-    import toyworld
-    each = [toyworld.evaluate(v, list(images), motion) for v in videos]
-    metrics = {k: sum(e[k] for e in each) / len(each) for k in each[0]}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"toy metrics (mean of {len(each)} samples): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if metrics:
+        print(f"toy metrics (mean of {len(each)} samples): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return metrics
 
 
@@ -361,9 +385,13 @@ def set_rng_state(state):
 
 
 def load_checkpoint(path):
+    """The training state --resume continues from; called before any model loads, so a bad file costs nothing."""
     if not Path(path).is_file():
         fail(f"no checkpoint at {path}: run without --resume to start a new training")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"cannot read the checkpoint {path} ({first_line(e)}): it is damaged; train again with --overwrite")
 
 
 def check_finite(loss, step):
@@ -443,7 +471,6 @@ def run_ablations(main, argv, variants, args, method, note=""):
     get args.seeds seeds, the others args.ablation_seeds (CPU time is short; 0 leaves them out). A variant whose
     flags hold --sample-only changes only sampling: it starts from a copy of the full method's run of the same
     seed, so it reuses those trained adapters. The tables are the toy world's (its metrics need its renderer)."""
-    import shutil
     import statistics
     if args.model != "toy":
         fail("--ablate runs the toy world's table: use it with --model toy")
@@ -455,8 +482,8 @@ def run_ablations(main, argv, variants, args, method, note=""):
             rows[name] = []
         for seed in range(n):
             run = out / "ablations" / slug(name) / f"seed{seed}"
+            shutil.rmtree(run, ignore_errors=True)  # each variant's run is made afresh
             if "--sample-only" in flags:
-                shutil.rmtree(run, ignore_errors=True)
                 shutil.copytree(out / "ablations" / full / f"seed{seed}", run)
             rows[name].append(main(rest + flags + ["--seed", str(seed), "--out", str(run)]))
             kept = Path("results") / method / slug(name) / f"seed{seed}" / "metrics.json"

@@ -97,6 +97,7 @@ def parse_args(argv=None):
     # run
     p.add_argument("--out", default="out/dualreal")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else it is kept)")
     p.add_argument("--sample-only", action="store_true", help="sample with the adapters saved in --out")
     p.add_argument("--dry-run", action="store_true", help="check inputs, print the plan, load nothing")
     p.add_argument("--log-every", type=int, default=10)
@@ -124,8 +125,30 @@ TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, steps=20, cfg=
 # data: checked before anything loads; a bad input ends with one line and exit code 2
 
 
+def check_args(args):
+    """Every numeric flag in range: --iterations 0 is the untrained base model; CogVideoX's VAE needs 4k+1 frames
+    and sizes that are multiples of 16 (8x VAE, 2x2 patches)."""
+    common.check_numbers(args, at_least_one=["adapter_dim", "groups", "controller_dim", "motion_batch",
+                                             "identity_batch", "steps", "num_samples", "max_text_len", "fps",
+                                             "log_every", "save_every", "seeds", "lr_cycles"],
+                         at_least_zero=["iterations", "warmup", "motion_start", "motion_stride", "ablation_seeds",
+                                        "weight_decay", "cfg"],
+                         positive=["lr", "blend_scale", "grad_clip"], unit=["gamma"])
+    if (args.frames - 1) % 4 or args.frames < 1:
+        common.fail(f"--frames {args.frames}: CogVideoX needs 4k+1 frames (49, 9...)")
+    if args.height % 16 or args.width % 16 or min(args.height, args.width) < 16:
+        common.fail(f"--height {args.height} --width {args.width}: use multiples of 16")
+    if args.motion_end is not None and args.motion_end <= args.motion_start:
+        common.fail(f"--motion-end {args.motion_end} must be after --motion-start {args.motion_start}")
+    for flag, text in (("--prompt", args.prompt), ("--class-word", args.class_word),
+                       ("--motion-caption", args.motion_caption), ("--placeholder", args.placeholder)):
+        if text is not None and not text.strip():
+            common.fail(f"{flag} is empty: give the words, or leave the flag out for the default")
+
+
 def read_inputs(args):
     """Subject photos (K, 3, H, W), reference clips (M, N, 3, H, W) and the prompts (identity, motion, sample)."""
+    check_args(args)
     if not args.subject or not args.motion:
         common.fail("--subject DIR and --motion VIDEO are needed (or --model toy, which brings its own)")
     folder, motion = Path(args.subject), Path(args.motion)
@@ -148,6 +171,9 @@ def read_inputs(args):
     class_word = args.class_word or (word.read_text().strip() if word.is_file() else "object")
     sidecar = motion.with_suffix(".txt") if motion.is_file() else motion / "caption.txt"
     caption = args.motion_caption or (sidecar.read_text().strip() if sidecar.is_file() else "moving")
+    for text, source in ((class_word, word), (caption, sidecar)):
+        if not text:
+            common.fail(f"{source} is empty: write the words in it, or delete it for the default")
     subject = f"a {args.placeholder} {class_word}"  # code: identity captions name the subject only
     prompts = dict(subject=subject, motion=caption, sample=args.prompt or f"{subject} {caption}")
     if args.placeholder not in prompts["sample"].split():
@@ -327,12 +353,25 @@ def save_adapters(dr, path, args):
     common.save_atomic(state, path, lambda sd, q: save_file(sd, q, metadata=meta))
 
 
+def adapter_metadata(path):
+    """The adapters file's metadata; a missing or damaged file is one clear line, before any model loads."""
+    from safetensors import safe_open
+    if not Path(path).is_file():
+        common.fail(f"--sample-only: {path} does not exist; train first")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+    except Exception as e:
+        common.fail(f"cannot read {path} ({common.first_line(e)}): train again with --overwrite")
+    if not meta or meta.get("method") != "dualreal":
+        common.fail(f"{path} holds no DualReal adapters (its metadata says method {(meta or {}).get('method')})")
+    return meta
+
+
 def load_adapters(transformer, path):
     """Build and hook DualReal as the file's metadata says (groups, controller...) and load its weights."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+    meta = adapter_metadata(path)
     dr = add_dualreal(transformer, int(meta["rank"]), int(meta["groups"]), float(meta["s"]),
                       meta["controller"] == "True", int(meta["cond_dim"]), int(meta["controller_dim"]))
     sd = load_file(str(path))
@@ -463,11 +502,9 @@ def save_state(out, dr, step, opt, lr_sched, gen):
                        out / "ckpt.pt")
 
 
-def load_state(out, dr):
-    state = common.load_checkpoint(out / "ckpt.pt")
+def load_state(state, dr):
     dr.load_state_dict(state["adapters"])
     common.set_rng_state(state["rng"])
-    return state
 
 
 # -----------------------------------------------------------------------------
@@ -512,18 +549,21 @@ def main(argv=None):
         common.check_pretrained(args.model, "--model")
         common.check_pretrained(args.image_encoder, "--image-encoder", "config.json")
     out = Path(args.out)
-    if args.sample_only and not (out / "adapters.safetensors").is_file():
-        common.fail(f"--sample-only: {out} holds no adapters.safetensors; train first")
-    if args.resume and not (out / "ckpt.pt").is_file():
-        common.fail(f"--resume: no checkpoint at {out / 'ckpt.pt'}; run without --resume to start a new training")
+    common.check_out(out, args.resume, args.sample_only, args.overwrite)
+    if args.sample_only:
+        adapter_metadata(out / "adapters.safetensors")  # opens, before any model loads
+    state = common.load_checkpoint(out / "ckpt.pt") if args.resume else {}
     plan(args, prompts, images, clips)
     if args.dry_run:
         return None
     device, dtype = common.device_and_dtype(args.dtype)
     common.seed_everything(args.seed)
     m = load_models(args, device, dtype)
+    if args.overwrite and not (args.resume or args.sample_only):
+        common.clear_run(out, ["adapters.safetensors"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    if not args.sample_only:  # sampling alone keeps the training's config
+        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
 
     # prompts, image conditions and latents once; then the encoders are freed
     text = {k: common.encode_prompts(m["tokenizer"], m["text_encoder"], [q], args.max_text_len).to(device)
@@ -544,7 +584,8 @@ def main(argv=None):
               f"{len(dr.groups)} blocks in {dr.n_groups} group(s): {dr.groups}")
         lat = dict(identity=encode_video(m["vae"], images[:, None].to(device)),  # photos as one-frame videos
                    motion=encode_video(m["vae"], videos.to(device)))
-        state = load_state(out, dr) if args.resume else {}
+        if state:
+            load_state(state, dr)
         train(transformer, dr, m["scheduler"].alphas_cumprod, lat, text, cond, args, state, out)
         save_adapters(dr, out / "adapters.safetensors", args)
 

@@ -270,8 +270,8 @@ def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
     assert "does not contain the placeholder" in _bad(toy + ["--prompt", "a star moving left"], capsys)
     real = ["--subject", str(subj), "--motion", str(mot), "--frames", "9"]
     assert "neither a local folder nor in the hub cache" in _bad(real + ["--model", str(tmp_path / "no")], capsys)
-    assert "--image-encoder 'laion/CLIP-ViT-H-14" in _bad(real + ["--model", str(empty)], capsys)
-    assert "holds no adapters" in _bad(toy + ["--sample-only", "--out", str(empty)], capsys)
+    assert "holds no model_index.json" in _bad(real + ["--model", str(empty)], capsys)
+    assert "does not exist; train first" in _bad(toy + ["--sample-only", "--out", str(empty)], capsys)
     assert "no checkpoint" in _bad(toy + ["--resume", "--out", str(empty)], capsys)
     assert "use it with --model toy" in _bad(real + ["--ablate"], capsys)
     out = tmp_path / "out"
@@ -414,3 +414,82 @@ def test_toy_run_with_bf16_frozen_weights(tmp_path):
     """--dtype bfloat16 on the CPU: the GPU's dtype path (frozen bf16 backbone, fp32 adapters) runs end to end."""
     metrics = dr_mod.main(FAST + ["--dtype", "bfloat16", "--num-samples", "1", "--out", str(tmp_path)])
     assert (tmp_path / "adapters.safetensors").is_file() and all(v == v for v in metrics.values())
+
+
+def _earlier_run(folder):
+    """--out holding an earlier run: its files and a checksum of all of them."""
+    import hashlib
+    folder.mkdir()
+    for name, data in {"config.json": b"{}", "adapters.safetensors": b"weights", "ckpt.pt": b"state",
+                       "result.mp4": b"video", "metrics.json": b"{}"}.items():
+        (folder / name).write_bytes(data)
+    return lambda: hashlib.sha256(b"".join(q.name.encode() + q.read_bytes() for q in sorted(folder.rglob("*"))
+                                           if q.is_file())).hexdigest()
+
+
+BAD = {  # flags -> the words the one-line error must hold
+    "iterations -5": (["--iterations", "-5"], "--iterations must be >= 0"),
+    "steps 0": (["--steps", "0"], "--steps must be >= 1"),
+    "steps -1": (["--steps", "-1"], "--steps must be >= 1"),
+    "num-samples 0": (["--num-samples", "0"], "--num-samples must be >= 1"),
+    "lr nan": (["--lr", "nan"], "--lr must be a finite number > 0"),
+    "lr 0": (["--lr", "0"], "--lr must be a finite number > 0"),
+    "lr negative": (["--lr=-1e-3"], "--lr must be a finite number > 0"),
+    "rank 0": (["--adapter-dim", "0"], "--adapter-dim must be >= 1"),
+    "seed -1": (["--seed", "-1"], "--seed must be between"),
+    "gamma 1.5": (["--gamma", "1.5"], "--gamma must be between 0 and 1"),
+    "motion batch 0": (["--motion-batch", "0"], "--motion-batch must be >= 1"),
+    "identity batch 0": (["--identity-batch", "0"], "--identity-batch must be >= 1"),
+    "groups 0": (["--groups", "0"], "--groups must be >= 1"),
+    "s 0": (["--blend-scale", "0"], "--blend-scale must be a finite number > 0"),
+    "grad clip inf": (["--grad-clip", "inf"], "--grad-clip must be a finite number > 0"),
+    "cfg -1": (["--cfg", "-1"], "--cfg must be >= 0"),
+    "warmup -1": (["--warmup", "-1"], "--warmup must be >= 0"),
+    "save every 0": (["--save-every", "0"], "--save-every must be >= 1"),
+    "log every 0": (["--log-every", "0"], "--log-every must be >= 1"),
+    "frames 10": (["--frames", "10"], "4k+1 frames"),
+    "height 30": (["--height", "30"], "multiples of 16"),
+    "motion end before start": (["--motion-start", "4", "--motion-end", "2"], "must be after --motion-start"),
+    "empty prompt": (["--prompt", ""], "--prompt is empty"),
+    "blank class word": (["--class-word", "  "], "--class-word is empty"),
+    "empty motion caption": (["--motion-caption", ""], "--motion-caption is empty"),
+    "prompt without placeholder": (["--prompt", "a star moving"], "does not contain the placeholder"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_flags_cost_nothing(case, tmp_path, capsys, monkeypatch):
+    """Each bad flag: exit code 2, one line naming it, no model loaded, the earlier run in --out unchanged."""
+    monkeypatch.setattr(dr_mod, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    checksum = _earlier_run(tmp_path / "out")
+    before = checksum()
+    flags, words = BAD[case]
+    assert words in _bad(["--model", "toy", "--out", str(tmp_path / "out"), "--overwrite"] + flags, capsys)
+    assert checksum() == before
+
+
+def test_bad_files_cost_nothing(tmp_path, capsys, monkeypatch):
+    """Bad paths and files, each before any model loads and leaving the earlier run as it was."""
+    monkeypatch.setattr(dr_mod, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    checksum = _earlier_run(out)
+    before = checksum()
+    toy = ["--model", "toy", "--out", str(out)]
+    subject = tmp_path / "subject"
+    subject.mkdir()
+    iio.imwrite(subject / "0.png", common.to_uint8(tw.subject_images()[0][0]))
+    (subject / "prompt.txt").write_text("\n")
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"junk" * 100)
+    (tmp_path / "a_file").write_text("x")
+    cases = [(toy, "holds an earlier run"),
+             (["--model", "toy", "--out", str(tmp_path / "a_file")], "is a file, not a folder"),
+             (toy + ["--overwrite", "--subject", str(subject)], "prompt.txt is empty"),
+             (toy + ["--overwrite", "--motion", str(video)], "cannot read video"),
+             (toy + ["--resume"], "cannot read the checkpoint"),
+             (toy + ["--sample-only"], "cannot read"),
+             (toy + ["--overwrite", "--subject", str(tmp_path / "a_file")], "is not a folder")]
+    for argv, words in cases:
+        err = _bad(argv, capsys)
+        assert words in err and len(err) < 400, (argv, err)
+        assert checksum() == before, argv
