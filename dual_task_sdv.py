@@ -9,8 +9,7 @@ the reference, half of its tokens dropped) keeps the model's motion; otherwise a
 pair (the target is a one-frame video) teaches identity transfer. Sampling is CogVideoX's sampler with guidance on
 the text only; the reference tokens are in both branches.
 
-    # a real run on 8 GPUs: the paper's global batch of 256 pairs / 32 videos a step, reached by gradient
-    # accumulation (each rank runs --pair-micro pairs or --video-micro videos per forward pass; here 4 passes)
+    # a real run on 8 GPUs: the paper's 256 pairs / 32 videos a step by 4 passes of gradient accumulation
     torchrun --nproc_per_node 8 dual_task_sdv.py train --pairs PAIRS --videos VIDEOS --out out/dual_task_sdv --grad-ckpt
     python dual_task_sdv.py sample --ckpt out/dual_task_sdv --image ref.png --prompt "a <cls> toy car driving"
     # the toy world on a CPU in minutes: train on toy pairs + videos, then sample held-out (novel) sprites
@@ -56,8 +55,7 @@ def parse_args(argv=None):
     # data (train)
     p.add_argument("--pairs", help="folder with pairs.jsonl: one {ref, target, prompt} per line (paths relative)")
     p.add_argument("--videos", help="folder of video files, each captioned by a sidecar .txt or captions.jsonl")
-    p.add_argument("--crop-jitter", type=float, default=0.1, help="identity pairs: each view is cropped from a "
-                   "(1 + this) x larger resize at a random offset (A.2 names the jitter, not its amount)")
+    p.add_argument("--crop-jitter", type=float, default=0.1, help="crop each view from a (1 + this) x resize (A.2)")
     p.add_argument("--max-bad", type=float, default=0.05, help="stop if more than this fraction of records is bad")
     p.add_argument("--height", type=int, default=480, help="training and sampling size (the paper: 480x720)")
     p.add_argument("--width", type=int, default=720)
@@ -86,16 +84,13 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--lr-cycles", type=int, default=1, help="hard restarts of the cosine schedule")
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--pair-batch", type=int, default=256, help="image pairs per identity step, all processes (sec. 4)")
-    p.add_argument("--video-batch", type=int, default=32, help="videos per motion step, all processes (sec. 4)")
-    p.add_argument("--pair-micro", type=int, default=8, help="at most this many pairs per forward pass and process; "
-                                                              "the rest of --pair-batch is gradient accumulation")
-    p.add_argument("--video-micro", type=int, default=1, help="at most this many videos per forward pass and process")
+    p.add_argument("--pair-batch", type=int, default=256, help="pairs per identity step, all ranks (sec. 4)")
+    p.add_argument("--video-batch", type=int, default=32, help="videos per motion step, all ranks (sec. 4)")
+    p.add_argument("--pair-micro", type=int, default=8, help="pairs per forward pass and rank (the rest accumulates)")
+    p.add_argument("--video-micro", type=int, default=1, help="videos per forward pass and rank (the rest accumulates)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (memory for speed)")
-    p.add_argument("--grad-every", type=int, default=0, help="every K steps log cos(g_img, g_vid) and the norms on "
-                                                              "fixed held-out batches to grad_log.jsonl (0: off)")
-    p.add_argument("--pcgrad", type=int, default=0, choices=[0, 4, 8], help="buffered PCGrad, FIFO of 4 or 8 "
-                                                                            "domain-tagged gradients (0: off)")
+    p.add_argument("--grad-every", type=int, default=0, help="every K steps: cos(g_img, g_vid) (B.1); 0: off")
+    p.add_argument("--pcgrad", type=int, default=0, choices=[0, 4, 8], help="buffered PCGrad's FIFO size (B.3); 0: off")
     # sampling
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", type=float, default=6.0)
@@ -176,14 +171,11 @@ def read_videos(folder, max_bad):
     folder = Path(folder)
     if not folder.is_dir():
         common.fail(f"--videos {folder} is not a folder of videos with captions (.txt sidecars or captions.jsonl)")
-    index = {}
-    if (folder / "captions.jsonl").is_file():
-        for line in (folder / "captions.jsonl").read_text().splitlines():
-            try:
-                r = json.loads(line)
-                index[str(r["video"])] = str(r["caption"]).strip()
-            except (ValueError, KeyError, TypeError):
-                continue  # a broken line leaves its video uncaptioned, which is then counted as bad below
+    index, captions = {}, folder / "captions.jsonl"
+    for line in captions.read_text().splitlines() if captions.is_file() else []:
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a broken line leaves its video uncaptioned,
+            r = json.loads(line)                                    # which is then counted as bad below
+            index[str(r["video"])] = str(r["caption"]).strip()
     files = sorted(q for q in folder.iterdir() if q.suffix.lower() in common.VIDEO_EXTS)
     good, bad = [], []
     for q in files:
@@ -324,8 +316,7 @@ def add_cls_token(tokenizer, text_encoder):
     has tokens (32128 vs 32100): resizing to len(tokenizer) would shrink it, so it only ever grows."""
     if CLS not in tokenizer.get_vocab():
         tokenizer.add_tokens([CLS])
-    rows = text_encoder.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
+    if len(tokenizer) > text_encoder.get_input_embeddings().num_embeddings:
         text_encoder.resize_token_embeddings(len(tokenizer))
     return tokenizer.convert_tokens_to_ids(CLS)
 
@@ -515,9 +506,7 @@ class DualTaskStep(torch.nn.Module):
         super().__init__()
         self.transformer, self.cls, self.m, self.args = m["transformer"], m["cls"], m, args
 
-    def forward(self, kind, batch, gen):
-        """"video" = I2V on the whole clip (RandomFrameSelect, TokenDrop; --t2v: no reference), "image" = identity
-        on a one-frame target video conditioned on the reference image."""
+    def forward(self, kind, batch, gen):  # "video": I2V (RandomFrameSelect, TokenDrop); "image": identity
         tr, vae, ac, args = self.transformer, self.m["vae"], self.m["scheduler"].alphas_cumprod, self.args
         dev = self.cls.device
         enc = lambda prompts: text_embeds(self.m, prompts, args.max_text_len)
@@ -554,8 +543,7 @@ def ddp_setup(device):
 
 
 def micro_batches(batch, micro, world, flag):
-    """(samples per forward pass and process, passes per step) with micro x passes x world = batch: sec. 4's 256
-    pairs / 32 videos a step on any number of GPUs, by gradient accumulation."""
+    """(micro-batch, passes) with micro-batch x passes x world = batch: sec. 4's 256 / 32 on any number of GPUs."""
     micro = min(micro, max(batch // world, 1))
     if batch % (micro * world):
         common.fail(f"--{flag}-batch {batch} is not a multiple of {micro} (--{flag}-micro) x {world} processes")
@@ -645,16 +633,9 @@ def validation_split(n, n_val, seed):
     return perm[n_val:].sort().values, perm[:n_val]
 
 
-def shard(pool, rank, world):
-    """A DistributedSampler-style split of the indices in pool: rank r draws from pool[r], pool[r + world], ..."""
-    mine = pool[rank::world]
-    return mine if len(mine) else pool
-
-
 def train(m, data, args, out, batches, rank=0, world=1):
     """Algorithm 1: each step is a video (I2V) or an identity (one-frame) step, drawn by a task generator seeded the
-    same on every rank; data and noise use per-rank generators; DDP averages the gradients over ranks. batches:
-    {kind: (micro-batch, passes)}. Returns the trained parameters."""
+    same on every rank; data and noise use per-rank generators. batches: {kind: (micro-batch, passes)}."""
     from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
     tr, params, model = m["transformer"], trainable(m, args), DualTaskStep(m, args)
     if world > 1:  # backward averages the gradients over ranks. DDP first broadcasts rank 0's weights (the frozen
@@ -668,10 +649,10 @@ def train(m, data, args, out, batches, rank=0, world=1):
     tasks = TaskSampler(args.seed, args.p, args.iterations // 2 if args.two_stage else None)  # the same on all ranks
     pcgrad = PCGradBuffer(args.pcgrad) if args.pcgrad else None
     state = load_state(out, tr, m["cls"]) if args.resume else {}
-    if state.get("opt"):
+    if state:
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"][rank] if isinstance(state["gen"], list) else state["gen"])
+        gen.set_state(state["gen"][rank])
         tasks.gen.set_state(state["tasks"])
     pools = dict(image=torch.arange(len(data.pairs)), video=torch.arange(len(data.videos)))
     load = dict(image=data.pair_batch, video=data.video_batch)
@@ -681,7 +662,8 @@ def train(m, data, args, out, batches, rank=0, world=1):
         for kind, (micro, _) in batches.items():
             pools[kind], val[kind] = validation_split(len(pools[kind]), micro * world, args.seed)
         probe = {kind: load[kind](val[kind][rank::world], pg) for kind in ("image", "video")}
-    pools = {kind: shard(pool, rank, world) for kind, pool in pools.items()}
+    # a DistributedSampler-style split: rank r draws from pool[r], pool[r + world], ...
+    pools = {kind: pool[rank::world] if len(pool) > rank else pool for kind, pool in pools.items()}
     draw = lambda pool, b, g: pool[torch.randint(len(pool), (b,), generator=g)]
     log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
     if probe is not None and rank == 0 and not args.resume:  # a new run's probe log starts afresh, as log.jsonl does
@@ -716,7 +698,6 @@ def train(m, data, args, out, batches, rank=0, world=1):
     if probe is not None and rank == 0 and (out / "grad_log.jsonl").is_file():
         plot_grad_log({"": out / "grad_log.jsonl"}, out / "grad_log.png")
     model.eval()
-    return params
 
 
 def lora_state(tr):
@@ -792,12 +773,12 @@ def sample(tr, scheduler, text, uncond, ref, latents, steps, cfg):
     return z
 
 
+@torch.no_grad()
 def generate(m, image, prompt, args, seed):
     """One video (F, 3, H, W) of the subject in `image` (3, H, W) following `prompt`."""
     tr, vae = m["transformer"], m["vae"]
     dev = next(tr.parameters()).device
-    with torch.no_grad():
-        text, uncond = (text_embeds(m, [x], args.max_text_len) for x in (prompt, args.negative_prompt))
+    text, uncond = (text_embeds(m, [x], args.max_text_len) for x in (prompt, args.negative_prompt))
     ref = encode_video(vae, image[None, None].to(dev))
     gen = torch.Generator().manual_seed(seed)
     t_lat = (args.frames - 1) // vae.config.temporal_compression_ratio + 1
@@ -898,9 +879,8 @@ def main(argv=None):
         return None
     if rank == 0:
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    add_lora(tr, args)
-    print(f"rank {rank}/{world}: " if world > 1 else "", end="")
-    print(f"LoRA: {sum(p.numel() for n, p in tr.named_parameters() if f'.{ADAPTER}.' in n) / 1e6:.2f} M parameters "
+    lora = sum(p.numel() for p in add_lora(tr, args))
+    print(f"rank {rank}/{world}: " * (world > 1) + f"LoRA: {lora / 1e6:.2f} M parameters "
           f"on {len(common.lora_layers(tr))} layers; pairs {len(data.pairs)}, videos {len(data.videos)}; "
           f"{args.iterations} steps, p {args.p}, p_drop {args.p_drop}; per step (micro-batch, passes) {batches}")
     train(m, data, args, out, batches, rank, world)  # DDP keeps the ranks' weights equal: rank 0's are saved
