@@ -506,7 +506,7 @@ class DualTaskStep(torch.nn.Module):
         super().__init__()
         self.transformer, self.cls, self.m, self.args = m["transformer"], m["cls"], m, args
 
-    def forward(self, kind, batch, gen):  # "video": I2V (RandomFrameSelect, TokenDrop); "image": identity
+    def forward(self, kind, batch, gen):  # "video": I2V on the clip (--t2v: no reference); "image": identity
         tr, vae, ac, args = self.transformer, self.m["vae"], self.m["scheduler"].alphas_cumprod, self.args
         dev = self.cls.device
         enc = lambda prompts: text_embeds(self.m, prompts, args.max_text_len)

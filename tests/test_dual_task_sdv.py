@@ -284,7 +284,8 @@ def test_two_process_gloo_run_trains_through_ddp_and_keeps_the_ranks_equal(tmp_p
     from pathlib import Path
     root = Path(dts.__file__).resolve().parent
     (tmp_path / "run.py").write_text(RANK_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+    # on the CPU even where a GPU is present (two ranks cannot share one GPU under NCCL)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(root), CUDA_VISIBLE_DEVICES="")
     out = tmp_path / "d"
     # 4 pairs a step over 2 ranks of 1 pair per pass: 2 passes, the first under no_sync
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
