@@ -10,9 +10,15 @@ classifier-free guidance: our `sample` loop against the diffusers pipeline on th
     python bench.py                                   # a CUDA GPU (~80 GB for CogVideoX-5B); prints a table
     python bench.py --methods smrabooth --json out/bench.json
     python bench.py --tiny                            # the same code at toy sizes on the CPU (CI keeps it alive)
+    python bench.py --estimate                        # no GPU: each training step's memory, counted on the meta device
+
+--estimate builds the same real-size models on the meta device (shapes, no data) and traces one training step of
+each setting: the bytes of weights, AdamW state, gradients and the activations autograd saves, with and without
+gradient checkpointing. An estimate of tensors' bytes, not a measurement (no allocator, no CUDA workspace).
 """
 import argparse
 import datetime
+import functools
 import gc
 import json
 import statistics
@@ -22,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 import common
 import dualreal
@@ -40,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=10, help="timed training steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps first (kernels, allocator)")
     p.add_argument("--sample-steps", type=int, default=50, help="denoising steps of the whole sampling run")
+    p.add_argument("--estimate", action="store_true", help="no GPU needed: the memory of one training step, counted "
+                                                          "on the meta device (weights, AdamW state, grads, saved "
+                                                          "activations), instead of the timing")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     if args.tiny:  # a few iterations: CI checks that the code runs, not the numbers
@@ -198,7 +208,165 @@ def rows_of(method, setting, training, sampling):
 
 
 # -----------------------------------------------------------------------------
-# the three methods: backbone, the method's own adapters, its training loss, its sampler
+# memory without a GPU (--estimate): one training step traced on the meta device, which runs every op's shape logic
+# but holds no data, so the real sizes need neither a GPU nor RAM. It counts bytes of tensors only: no allocator
+# overhead or fragmentation, no CUDA workspace or kernels' scratch buffers, no activation gradients in flight.
+
+
+def flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Attention as a fused kernel keeps it for the backward pass: q, k, v, the output and one fp32 log-sum-exp per
+    query row. On meta, torch's SDPA takes its math path, which would save the N x N attention weights that the
+    GPU's flash, cuDNN and efficient kernels never hold; the CPU's flash kernel saves what they save and has a meta
+    kernel (on a CPU, torch picks it itself: the test compares the two)."""
+    if enable_gqa:
+        raise NotImplementedError("grouped-query attention in flash_sdpa")
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
+                                                                       attn_mask=attn_mask, scale=scale)[0]
+
+
+class FusedAttentionOnMeta(TorchFunctionMode):
+    """F.scaled_dot_product_attention on meta tensors goes to flash_sdpa; everything else runs as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and (args[0] if args else kwargs["query"]).is_meta:
+            return flash_sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def blocks_of(model):
+    """The blocks that gradient checkpointing runs again in the backward pass: a diffusers transformer's blocks
+    (enable_gradient_checkpointing), the UNet3D's down, mid and up blocks (as jointtuner.checkpoint_blocks)."""
+    for name in ("blocks", "transformer_blocks"):  # Wan, CogVideoX
+        if hasattr(model, name):
+            return list(getattr(model, name))
+    return [*model.down_blocks, model.mid_block, *model.up_blocks]
+
+
+def tensors_in(x):
+    """The tensors in a module call's (args, kwargs), nested ones too (Wan's rotary tables come as a tuple)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    return [t for y in x for t in tensors_in(y)] if isinstance(x, (list, tuple)) else []
+
+
+class SavedTensors:
+    """What autograd keeps for the backward pass, seen by its saved_tensors_hooks (every saved tensor passes the
+    pack hook). A storage counts once (the views of one activation are saved many times over) and the weights'
+    storages not at all (they are the weights' bytes). Each storage is charged to the blocks running when it was
+    saved (None: outside every block), and the blocks' tensor inputs are noted, for the checkpointing model below.
+    The storages stay referenced while counting, so that no freed storage's address is taken for a new one's."""
+
+    def __init__(self, weights, blocks):
+        self.weights, self.block = weights, None
+        self.storages, self.where, self.inputs = {}, {}, set()  # key -> storage; saved key -> blocks; input keys
+        self.hooks = [h for i, b in enumerate(blocks) for h in (
+            b.register_forward_pre_hook(functools.partial(self.enter, i), with_kwargs=True),
+            b.register_forward_hook(functools.partial(self.leave, i)))]
+
+    def pack(self, t):
+        s = t.untyped_storage()  # meta tensors have storages too, with their sizes, shared by views
+        if s._cdata not in self.weights:
+            self.storages[s._cdata] = s
+            self.where.setdefault(s._cdata, set()).add(self.block)
+        return t
+
+    @staticmethod
+    def unpack(t):
+        return t
+
+    def enter(self, i, module, args, kwargs):
+        self.block = i
+        for t in tensors_in((args, kwargs)):
+            s = t.untyped_storage()
+            if s._cdata not in self.weights:
+                self.storages[s._cdata] = s
+                self.inputs.add(s._cdata)
+
+    def leave(self, i, module, args, out):
+        self.block = None
+
+    def nbytes(self, keys):
+        return sum(self.storages[k].nbytes() for k in keys)
+
+    def total(self):
+        return self.nbytes(self.where)
+
+    def outside(self):
+        return {k for k, where in self.where.items() if None in where}
+
+    def checkpointed(self):
+        """The saved bytes' peak with the blocks checkpointed (non-reentrant, as diffusers): the forward pass saves
+        nothing inside a block but keeps each block's inputs to run it again, and the backward pass holds one block's
+        recomputed activations at a time. So: what is saved outside every block, plus the blocks' inputs, plus the
+        largest block's own saved bytes. (A test checks the first two terms against a real checkpointed run.)"""
+        kept = self.outside() | self.inputs
+        per_block = {}
+        for k, where in self.where.items():
+            for b in where - {None}:
+                per_block.setdefault(b, set()).add(k)
+        return self.nbytes(kept) + max((self.nbytes(keys - kept) for keys in per_block.values()), default=0)
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def weights_of(modules):
+    """{storage key: storage} of the modules' parameters and buffers."""
+    return {t.untyped_storage()._cdata: t.untyped_storage() for m in modules for t in (*m.parameters(), *m.buffers())}
+
+
+def count_saved(loss_fn, weights, blocks):
+    """Run loss_fn() under the counting hooks; returns the loss and the SavedTensors."""
+    counter = SavedTensors(weights, blocks)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack), FusedAttentionOnMeta():
+            loss = loss_fn()
+    finally:
+        counter.remove()
+    return loss, counter
+
+
+def estimate_step(model, loss_fn, params, frozen):
+    """Bytes of one training step (forward and backward of loss_fn): weights (parameters and buffers of the model
+    and the other frozen modules), AdamW's state (two moments per trainable parameter, in its dtype: fp32),
+    gradients (as the backward pass leaves them) and saved activations without and with checkpointing."""
+    modules = [model, *frozen]
+    weights = weights_of(modules)
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+    loss, counter = count_saved(loss_fn, weights, blocks_of(model))
+    loss.backward()
+    grads = sum(p.grad.nbytes for m in modules for p in m.parameters() if p.grad is not None)
+    return dict(weights=sum(s.nbytes() for s in weights.values()), optimizer=2 * sum(p.nbytes for p in params),
+                grads=grads, saved=counter.total(), saved_ckpt=counter.checkpointed())
+
+
+def estimate(method, tiny, device="meta"):
+    """--estimate rows of one method: its training steps with bf16 frozen weights (as on a GPU), traced on `device`
+    (meta: the real sizes at no cost); a step that cannot be traced (an op without a meta kernel...) is 'n/a' with
+    the reason, and the table goes on."""
+    rows = []
+    for setting, model, loss_fn, params, frozen in STEPS[method](tiny, device, torch.bfloat16):
+        row = dict(method=method, setting=setting)
+        try:
+            b = estimate_step(model, loss_fn, params, frozen)
+        except Exception as e:  # any failure of the trace is a result to print
+            reason = f"n/a: {type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"
+            rows += [dict(row, grad_ckpt=ckpt, note=reason) for ckpt in (False, True)]
+            continue
+        for ckpt in (False, True):
+            saved = b["saved_ckpt" if ckpt else "saved"]
+            rows.append(dict(row, grad_ckpt=ckpt, weights=b["weights"], optimizer=b["optimizer"], grads=b["grads"],
+                             saved=saved, total=b["weights"] + b["optimizer"] + b["grads"] + saved, note=""))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# the methods' training steps: backbone, the method's own adapters, its training loss
 
 
 def wan_scheduler():
@@ -223,41 +391,94 @@ def flow_loss(transformer, z0, text, shift, gen, mora=None):
 
 def mora_pieces(tiny, device, frames, height, width, window):
     """MoRA's frozen decoder and flow network: AutoencoderKLWan() and torchvision raft_large (random weights), fp32
-    as in the method; the toy world's VAE and toy flow with --tiny. ref_flow is random (B, F - 1, 2, H, W)."""
+    as in the method; the toy world's VAE and toy flow with --tiny. ref_flow is random (B, F - 1, 2, H, W). Returns
+    flow_loss's `mora` and the frozen modules (their weights count in the estimate)."""
     if tiny:
-        vae, flow = toyworld.load_vae(), toyworld.toy_flow
+        vae, flow, modules = toyworld.load_vae().to(device), toyworld.toy_flow, []
     else:
         from diffusers import AutoencoderKLWan
         from torchvision.models.optical_flow import raft_large
         with torch.device(device):
             vae, raft = AutoencoderKLWan(), raft_large(weights=None)
-        vae.eval().requires_grad_(False)
         raft.eval().requires_grad_(False)
         flow = lambda a, b: raft(a.float(), b.float(), num_flow_updates=12)[-1]  # as smrabooth.load_models
-    return vae, flow, torch.randn(1, frames - 1, 2, height, width, device=device), window
+        modules = [raft]
+    vae.eval().requires_grad_(False)
+    ref_flow = torch.randn(1, frames - 1, 2, height, width, device=device)
+    return (vae, flow, ref_flow, window), [vae, *modules]
+
+
+# each method's training steps, shared by the timing and by --estimate: a generator of (setting, backbone, loss_fn,
+# trainable parameters, other frozen modules), the backbone and adapters built on `device` as the method builds them;
+# use each step before taking the next (a setting's own modules are freed in between)
+
+
+def smrabooth_steps(tiny, device, dtype):
+    """SMRABooth's motion stage on Wan (one stage trains one LoRA): flow matching, plus MoRA's window decode and flow
+    at 320x576. MoRA's VAE and RAFT exist only during their setting."""
+    margs = smrabooth.parse_args([])  # the paper's ranks, shift and window
+    transformer = build("wan", tiny, device, dtype)
+    with torch.device(device):  # LoRA weights made where they live (on meta: no memory, no init time)
+        subject, motion = smrabooth.add_loras(transformer, margs)
+    transformer.set_adapters(["motion"])
+    text, gen = text_embeds("wan", tiny, device, dtype), torch.Generator().manual_seed(0)
+    for setting, real, tiny_shape in SETTINGS["smrabooth"]:
+        z0 = torch.randn(tiny_shape if tiny else real, device=device)
+        mora, frozen = None, []
+        if "MoRA" in setting:  # decoded frames: 16 of the 49 at 320x576 (6-latent window), all 9 of 32x32 toy ones
+            mora, frozen = mora_pieces(tiny, device, *((9, 32, 32) if tiny else (49, 320, 576)), margs.mora_window)
+        yield setting, transformer, lambda: flow_loss(transformer, z0, text, margs.shift, gen, mora), motion, frozen
+        del mora, frozen
+        free()
+
+
+def jointtuner_steps(tiny, device, dtype):
+    """JointTuner's AiT video step on ZeroScope's UNet3D with Adaptive LoRA, in training mode (LoRA dropout on)."""
+    margs = jointtuner.parse_args([])
+    unet = build("unet3d", tiny, device, dtype)
+    with torch.device(device):
+        adapters = jointtuner.add_adapters(unet, margs.rank, margs.dropout, not margs.no_gate)
+    unet.train()  # as jointtuner.train: the adapters' dropout is on
+    scheduler = toyworld.noise_schedule("unet3d")  # ZeroScope's DDIM betas (the toy clips x0: a clamp per step)
+    text, gen = text_embeds("unet3d", tiny, device, dtype), torch.Generator().manual_seed(0)
+    setting, real, tiny_shape = SETTINGS["jointtuner"][0]
+    z0 = torch.randn(tiny_shape if tiny else real, device=device)
+    loss_fn = lambda: jointtuner.ait_loss(unet, z0, text, scheduler.alphas_cumprod, gen, margs.offset_noise)
+    yield setting, unet, loss_fn, jointtuner.trainable(adapters, False)["video"], []
+
+
+def dualreal_steps(tiny, device, dtype):
+    """DualReal's motion step on CogVideoX-5B: both adapter kinds and the controller act in the forward and all get
+    gradients (dualreal.train drops the identity side's before its AdamW step, which holds both sides' moments)."""
+    margs = dualreal.parse_args([])
+    transformer = build("cogvideox", tiny, device, dtype)
+    cond_dim = 32 if tiny else 1024  # CLIP ViT-H/14's image embedding
+    with torch.device(device):
+        dr = dualreal.add_dualreal(transformer, margs.adapter_dim, margs.groups, margs.blend_scale,
+                                   not margs.no_controller, cond_dim, margs.controller_dim)
+    dr.c = torch.randn(1, cond_dim, device=device)  # a motion step: the clip's condition c is on
+    scheduler = toyworld.noise_schedule("cogvideox")  # CogVideoX's v-prediction DDIM config
+    text, gen = text_embeds("cogvideox", tiny, device, dtype), torch.Generator().manual_seed(0)
+    setting, real, tiny_shape = SETTINGS["dualreal"][0]
+    z0 = torch.randn(tiny_shape if tiny else real, device=device)
+    loss_fn = lambda: dualreal.v_loss(transformer, z0, text, scheduler.alphas_cumprod, gen)
+    yield setting, transformer, loss_fn, list(dr.parameters()), [dr]
+
+
+# -----------------------------------------------------------------------------
+# the timing: each method's training steps, then its sampler against the diffusers pipeline
 
 
 def bench_smrabooth(args, device, dtype):
-    margs = smrabooth.parse_args([])  # the paper's ranks, shift, cfg and injection schedule
-    transformer = build("wan", args.tiny, device, dtype)
-    subject, motion = smrabooth.add_loras(transformer, margs)
-    transformer.set_adapters(["motion"])  # one stage trains one LoRA
-    text, uncond = (text_embeds("wan", args.tiny, device, dtype) for _ in range(2))
-    gen, rows = torch.Generator().manual_seed(0), []
-    for setting, real, tiny_shape in SETTINGS["smrabooth"]:
-        z0 = torch.randn(tiny_shape if args.tiny else real, device=device)
-        mora = None
-        if "MoRA" in setting:  # decoded frames: 16 of the 49 at 320x576 (6-latent window), all 9 of 32x32 toy ones
-            mora = mora_pieces(args.tiny, device, *((9, 32, 32) if args.tiny else (49, 320, 576)), margs.mora_window)
-        loss_fn = lambda: flow_loss(transformer, z0, text, margs.shift, gen, mora)
-        training = measure_training(transformer, loss_fn, motion, args, device)
-        rows.append((setting, training))
-        del mora
-        free()
+    rows = []
+    for setting, transformer, loss_fn, params, _ in smrabooth_steps(args.tiny, device, dtype):
+        rows.append((setting, measure_training(transformer, loss_fn, params, args, device)))
     # sampling at the paper's 49x480x832 with both LoRAs and sparse injection, vs WanPipeline (same LoRA scales)
     from diffusers import WanPipeline
+    margs = smrabooth.parse_args([])
     transformer.set_adapters(["subject", "motion"])
     layers = common.lora_layers(transformer)
+    text, uncond = (text_embeds("wan", args.tiny, device, dtype) for _ in range(2))
     noise = torch.randn(SETTINGS["smrabooth"][0][2 if args.tiny else 1], device=device)
     ours = lambda: smrabooth.sample(transformer, wan_scheduler(), text, uncond, noise, args.sample_steps, margs.cfg,
                                     on_step=lambda i, n: smrabooth.set_injection(layers, margs, i, n))
@@ -276,18 +497,12 @@ def bench_smrabooth(args, device, dtype):
 
 def bench_jointtuner(args, device, dtype):
     from diffusers import TextToVideoSDPipeline
-    margs = jointtuner.parse_args([])
-    unet = build("unet3d", args.tiny, device, dtype)
-    adapters = jointtuner.add_adapters(unet, margs.rank, margs.dropout, not margs.no_gate)
-    params = jointtuner.trainable(adapters, False)["video"]
-    scheduler = toyworld.noise_schedule("unet3d")  # ZeroScope's DDIM betas (the toy clips x0: a clamp per step)
-    text, uncond = (text_embeds("unet3d", args.tiny, device, dtype) for _ in range(2))
-    gen = torch.Generator().manual_seed(0)
-    setting, real, tiny_shape = SETTINGS["jointtuner"][0]
-    z0 = torch.randn(tiny_shape if args.tiny else real, device=device)
-    loss_fn = lambda: jointtuner.ait_loss(unet, z0, text, scheduler.alphas_cumprod, gen, margs.offset_noise)
+    (setting, unet, loss_fn, params, _), = jointtuner_steps(args.tiny, device, dtype)
     training = measure_training(unet, loss_fn, params, args, device)
-    noise = torch.randn_like(z0)
+    unet.eval()
+    margs = jointtuner.parse_args([])
+    text, uncond = (text_embeds("unet3d", args.tiny, device, dtype) for _ in range(2))
+    noise = torch.randn(SETTINGS["jointtuner"][0][2 if args.tiny else 1], device=device)
     ours = lambda: jointtuner.sample(unet, toyworld.noise_schedule("unet3d"), text, uncond, noise,
                                      args.sample_steps, margs.cfg)
     pipe = TextToVideoSDPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
@@ -304,22 +519,11 @@ def bench_jointtuner(args, device, dtype):
 
 def bench_dualreal(args, device, dtype):
     from diffusers import CogVideoXPipeline
-    margs = dualreal.parse_args([])
-    transformer = build("cogvideox", args.tiny, device, dtype)
-    cond_dim = 32 if args.tiny else 1024  # CLIP ViT-H/14's image embedding
-    dr = dualreal.add_dualreal(transformer, margs.adapter_dim, margs.groups, margs.blend_scale,
-                               not margs.no_controller, cond_dim, margs.controller_dim)
-    dr.c = torch.randn(1, cond_dim, device=device)  # a motion step: the clip's condition c is on
-    groups = dualreal.trainable(dr)
-    params = groups["motion"] + groups["controller"]
-    scheduler = toyworld.noise_schedule("cogvideox")  # CogVideoX's v-prediction DDIM config
-    text, uncond = (text_embeds("cogvideox", args.tiny, device, dtype) for _ in range(2))
-    gen = torch.Generator().manual_seed(0)
-    setting, real, tiny_shape = SETTINGS["dualreal"][0]
-    z0 = torch.randn(tiny_shape if args.tiny else real, device=device)
-    loss_fn = lambda: dualreal.v_loss(transformer, z0, text, scheduler.alphas_cumprod, gen)
+    (setting, transformer, loss_fn, params, _), = dualreal_steps(args.tiny, device, dtype)
     training = measure_training(transformer, loss_fn, params, args, device)
-    noise = torch.randn_like(z0)
+    margs = dualreal.parse_args([])
+    text, uncond = (text_embeds("cogvideox", args.tiny, device, dtype) for _ in range(2))
+    noise = torch.randn(SETTINGS["dualreal"][0][2 if args.tiny else 1], device=device)
     ours = lambda: dualreal.sample(transformer, toyworld.noise_schedule("cogvideox"), text, uncond, noise,
                                    args.sample_steps, margs.cfg)
     pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
@@ -330,12 +534,13 @@ def bench_dualreal(args, device, dtype):
                             num_inference_steps=args.sample_steps, guidance_scale=margs.cfg, latents=noise,
                             output_type="latent", use_dynamic_cfg=False)
     sampling = measure_sampling(ours, run_pipe, args, device)
-    del transformer, pipe, dr
+    del transformer, pipe
     free()
     return rows_of("dualreal", setting, training, sampling)
 
 
 BENCHES = {"smrabooth": bench_smrabooth, "jointtuner": bench_jointtuner, "dualreal": bench_dualreal}
+STEPS = {"smrabooth": smrabooth_steps, "jointtuner": jointtuner_steps, "dualreal": dualreal_steps}
 
 
 # -----------------------------------------------------------------------------
@@ -357,22 +562,35 @@ def table(rows, header):
     return "\n".join(lines)
 
 
+def estimate_table(rows, header):
+    gb = lambda r, k: "n/a" if r["note"] else fmt(r[k] / 2 ** 30)
+    lines = [header, "",
+             "| method | setting | grad ckpt | weights GB | AdamW state GB | grads GB | saved activations GB | "
+             "total GB | note |", "|" + " --- |" * 9]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['setting']} | {'yes' if r['grad_ckpt'] else 'no'} | {gb(r, 'weights')} | "
+                     f"{gb(r, 'optimizer')} | {gb(r, 'grads')} | {gb(r, 'saved')} | {gb(r, 'total')} | {r['note']} |")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # main
 
 
 def main(argv=None):
     args = parse_args(argv)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in BENCHES]
+    if unknown:
+        common.fail(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(BENCHES)})")
+    if args.estimate:
+        return main_estimate(args, methods)
     if not args.tiny and not torch.cuda.is_available():
         print("no CUDA device is available: nothing to measure (python bench.py --tiny runs the code on the CPU)")
         return None
     device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in BENCHES]
-    if unknown:
-        common.fail(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(BENCHES)})")
     torch.manual_seed(0)
     rows = []
     for method in methods:
@@ -381,10 +599,28 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (--tiny: toy sizes, fp32)"
     date = datetime.date.today().isoformat()
     print(table(rows, f"{gpu}, {date}, torch {torch.__version__}, bs 1, {args.sample_steps} sampling steps"))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(gpu=gpu, date=date, torch=torch.__version__, rows=rows), indent=2))
+    write_json(args.json, dict(gpu=gpu, date=date, torch=torch.__version__, rows=rows))
     return rows
+
+
+def main_estimate(args, methods):
+    rows = []
+    for method in methods:
+        print(f"{method}: tracing one training step on the meta device ...", file=sys.stderr)
+        rows += estimate(method, args.tiny)
+    date = datetime.date.today().isoformat()
+    print(estimate_table(rows, f"ESTIMATE of one training step's memory ({'toy sizes' if args.tiny else 'real sizes'}"
+                               f", bs 1, bf16 frozen weights, fp32 trainable ones; traced on the meta device, {date}, "
+                               f"torch {torch.__version__}): bytes of tensors only, no allocator overhead or "
+                               f"fragmentation, no CUDA workspace; GB = 2^30 bytes"))
+    write_json(args.json, dict(estimate=True, date=date, torch=torch.__version__, rows=rows))
+    return rows
+
+
+def write_json(path, obj):
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+import jointtuner
 
 FIELDS = {"method", "setting", "grad_ckpt", "step_s", "peak_mem", "tflops", "sample_step_s", "sample_s", "pipeline_s",
           "pipeline_ratio"}
@@ -48,3 +49,98 @@ def test_no_gpu_exits_cleanly(capsys):
 def test_wan_flops_match_spec():
     assert bench.wan_forward_flops(49, 480, 832) == pytest.approx(129e12, rel=0.05)
     assert bench.wan_forward_flops(81, 480, 832) == pytest.approx(283e12, rel=0.05)
+
+
+# --estimate: the meta device's count is the count of a real run
+
+
+def test_meta_storages_are_shared_by_views():
+    a = torch.empty(4, 4, device="meta")
+    assert a.untyped_storage().nbytes() == 64
+    assert a.t().untyped_storage()._cdata == a[1:].untyped_storage()._cdata == a.untyped_storage()._cdata
+    assert torch.empty(4, 4, device="meta").untyped_storage()._cdata != a.untyped_storage()._cdata
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_saved_tensors_counts_each_storage_once_and_no_weight(device):
+    lin = torch.nn.Linear(8, 8, bias=False, device=device)  # its weight: 256 bytes
+    x = torch.randn(4, 8, device=device, requires_grad=True)  # 128 bytes
+
+    def loss_fn():
+        h = lin(x)  # saves x and the weight
+        return (h * h).sum() + (h.t() * h.t()).sum()  # saves h four times: two views of one storage
+    _, counter = bench.count_saved(loss_fn, bench.weights_of([lin]), [])
+    assert counter.total() == 128 + 128  # x and h, once each; the weight is the weights' bytes
+
+
+def layer_norm_shortfall(model):
+    """Hooks that add up by how many bytes a CPU run's saved LayerNorm statistics fall short of meta's: for bf16
+    input and weight the CPU kernel keeps mean and rstd in bf16, the meta kernel (like CUDA's) in fp32."""
+    short = [0]
+
+    def hook(module, args, out):
+        if out.grad_fn is not None and out.grad_fn.name() == "NativeLayerNormBackward0":
+            short[0] += sum(s.numel() * (4 - s.element_size()) for s in (out.grad_fn._saved_result1,
+                                                                         out.grad_fn._saved_result2))
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    return short, handles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["smrabooth", "jointtuner", "dualreal"])
+def test_estimate_on_meta_equals_a_real_cpu_step(method, dtype):
+    """Each tiny training step traced on meta and run on the CPU: the same saved bytes (with fp32 frozen weights
+    exactly; with bf16 ones up to the CPU's bf16 LayerNorm statistics), and weights, grads and AdamW state are the
+    real tiny model's numel x element size."""
+    steps = (bench.STEPS[method](True, device, dtype) for device in ("meta", "cpu"))
+    for (setting, *meta_step), (_, model, loss_fn, params, frozen) in zip(*steps):  # one step at a time
+        meta = bench.estimate_step(*meta_step)
+        short, handles = layer_norm_shortfall(model)
+        real = bench.estimate_step(model, loss_fn, params, frozen)
+        for h in handles:
+            h.remove()
+        assert short[0] == 0 or (dtype == torch.bfloat16 and method != "smrabooth")  # Wan's norms are fp32
+        assert meta["saved"] == real["saved"] + short[0], setting
+        if not short[0]:
+            assert meta == real, setting
+        tensors = [t for m in (model, *frozen) for t in (*m.parameters(), *m.buffers())]
+        assert real["weights"] == sum(t.numel() * t.element_size() for t in tensors)
+        assert real["grads"] == sum(p.numel() * 4 for p in params) and all(p.dtype == torch.float32 for p in params)
+        assert real["optimizer"] == 2 * real["grads"]
+        assert 0 < real["saved_ckpt"] < real["saved"]
+
+
+@pytest.mark.parametrize("method", ["smrabooth", "jointtuner", "dualreal"])
+def test_checkpointed_run_keeps_what_the_model_says(method):
+    """The checkpointing model's first two terms, on a real run: with the blocks checkpointed (as each method does
+    it), the forward pass keeps exactly what the plain step saves outside the blocks plus the blocks' inputs (the
+    checkpoint saves the inputs through the same hooks; nested ones, like Wan's rotary tables, it keeps in Python)."""
+    setting, model, loss_fn, params, frozen = next(bench.STEPS[method](True, "cpu", torch.float32))
+    weights, blocks = bench.weights_of([model, *frozen]), bench.blocks_of(model)
+    _, plain = bench.count_saved(loss_fn, weights, blocks)
+    jointtuner.checkpoint_blocks(model) if method == "jointtuner" else model.enable_gradient_checkpointing()
+    _, checkpointed = bench.count_saved(loss_fn, weights, blocks)
+    kept = checkpointed.nbytes(set(checkpointed.where) | checkpointed.inputs)
+    assert kept == plain.nbytes(plain.outside() | plain.inputs) < plain.total()
+
+
+def test_estimate_table_prints_every_method(capsys):
+    rows = bench.main(["--tiny", "--estimate"])
+    out = capsys.readouterr().out
+    assert "ESTIMATE" in out and "no allocator overhead" in out
+    for method, settings in bench.SETTINGS.items():
+        for setting, *_ in settings:
+            assert sum(f"| {method} | {setting} |" in line for line in out.splitlines()) == 2  # without, with ckpt
+    for r in rows:
+        assert r["note"] == "" and r["total"] == r["weights"] + r["optimizer"] + r["grads"] + r["saved"] > 0
+
+
+def test_estimate_says_na_where_meta_cannot_trace(monkeypatch):
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2, device="meta")])
+    loss_fn = lambda: model.blocks[0](torch.ones(2, 2, device="meta")).sum().item()  # data-dependent: no meta kernel
+    monkeypatch.setitem(bench.STEPS, "broken", lambda tiny, device, dtype: [("toy", model, loss_fn, [], [])])
+    rows = bench.estimate("broken", True)
+    assert [r["grad_ckpt"] for r in rows] == [False, True]
+    assert all(r["note"].startswith("n/a: RuntimeError: Tensor.item() cannot be called on meta") for r in rows)
+    assert "| broken | toy | no | n/a | n/a | n/a | n/a | n/a | n/a: RuntimeError" in bench.estimate_table(rows, "")
