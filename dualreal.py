@@ -8,8 +8,8 @@ per forward. Dual-aware Adaptation trains both kinds jointly: each step is a mot
 an identity batch (a subject photo as a one-frame video); both kinds act in every forward, but only the step's own
 kind (and the controller) is updated. Sampling is CogVideoX's sampler with guidance.
 
-    # a real run (a large GPU, memory not measured here; weights from the hub cache or local folders, no download)
-    python dualreal.py --subject photos/ --motion pushups.mp4 --grad-ckpt
+    # a real run (a large GPU, see `python bench.py --estimate`; weights from the hub cache or local folders, no
+    # download; gradient checkpointing is on for real models)
     python dualreal.py --subject photos/ --motion pushups.mp4 --prompt "a sks dog doing push ups in a saloon"
     # the toy world on a CPU in minutes (toy CogVideoX, bundled toy subject and motion)
     python dualreal.py --model toy
@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--class-word", help="the subject's class (default: SUBJECT/prompt.txt, else 'object')")
     p.add_argument("--motion-caption", help="the motion video's caption (default: the .txt beside the video or "
                                             "caption.txt in its folder, else 'moving')")
-    p.add_argument("--prompt", help="sampling prompt (default: 'a sks <class word> <motion caption>')")
+    p.add_argument("--prompt", help="sampling prompt; needed for real models (toy default: 'a sks <class word> "
+                                    "<motion caption>', the toy captions being verb phrases)")
     p.add_argument("--negative-prompt", default="", help="unconditional prompt of guidance")
     p.add_argument("--placeholder", default="sks", help="the subject's identifier word")
     p.add_argument("--height", type=int, default=480, help="training and sampling height (supplement: 480x720)")
@@ -175,6 +176,9 @@ def read_inputs(args):
         if not text:
             common.fail(f"{source} is empty: write the words in it, or delete it for the default")
     subject = f"a {args.placeholder} {class_word}"  # code: identity captions name the subject only
+    if args.prompt is None and args.model != "toy":  # a real caption names its own subject ("a person playing...")
+        common.fail('real models need --prompt (the video you want, e.g. "a sks dog doing push ups in a saloon"); '
+                    "the paper's prompts are written by hand")
     prompts = dict(subject=subject, motion=caption, sample=args.prompt or f"{subject} {caption}")
     if args.placeholder not in prompts["sample"].split():
         common.fail(f"the prompt {prompts['sample']!r} does not contain the placeholder word {args.placeholder!r}")

@@ -268,9 +268,13 @@ def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
     common.write_frames(short, tw.motion_clip()[:5])
     assert "has 5 frames, 9 are needed" in _bad(toy + ["--motion", str(short)], capsys)
     assert "does not contain the placeholder" in _bad(toy + ["--prompt", "a star moving left"], capsys)
-    real = ["--subject", str(subj), "--motion", str(mot), "--frames", "9"]
+    real = ["--subject", str(subj), "--motion", str(mot), "--frames", "9", "--prompt", "a sks star"]
     assert "neither a local folder nor in the hub cache" in _bad(real + ["--model", str(tmp_path / "no")], capsys)
     assert "holds no model_index.json" in _bad(real + ["--model", str(empty)], capsys)
+    cached = tmp_path / "model"
+    cached.mkdir()
+    (cached / "model_index.json").write_text("{}")
+    assert "real models need --prompt" in _bad(real[:-2] + ["--model", str(cached)], capsys)
     assert "does not exist; train first" in _bad(toy + ["--sample-only", "--out", str(empty)], capsys)
     assert "no checkpoint" in _bad(toy + ["--resume", "--out", str(empty)], capsys)
     assert "use it with --model toy" in _bad(real + ["--ablate"], capsys)
@@ -312,7 +316,8 @@ def test_the_real_loading_path_at_tiny_size(tmp_path):
     assert lat.shape == (1, 3, 4, 4, 4)                          # (B, F, C, h, w): 9 frames -> 3 latents
     assert dr_mod.image_embeds(m["image_encoder"], m["image_processor"], torch.zeros(2, 3, 32, 32)).shape == (2, 32)
     # and the whole real run through main, train then sample-only
-    run = ["--model", str(tmp_path / "cogvideox"), "--image-encoder", enc, "--subject", str(tw.ASSETS / "toy" /
+    run = ["--model", str(tmp_path / "cogvideox"), "--image-encoder", enc, "--prompt", "a sks star moving",
+           "--subject", str(tw.ASSETS / "toy" /
            "subject"), "--motion", str(tw.ASSETS / "toy" / "motion"), "--height", "32", "--width", "32", "--frames",
            "9", "--max-text-len", "16", "--iterations", "2", "--warmup", "0", "--steps", "2",
            "--out", str(tmp_path / "run")]
