@@ -114,7 +114,7 @@ def clear_run(out, weights):
     """--overwrite: the earlier run's files go before the new run writes any, so a crash leaves a resumable new run
     (its ckpt.pt), never old weights beside a new config. Only the files a run writes are removed."""
     out = Path(out)
-    for name in (*RUN_FILES, *RESULT_FILES, *weights):
+    for name in (*RUN_FILES, *RESULT_FILES, "samples", *weights):
         if (out / name).is_dir():
             shutil.rmtree(out / name)
         else:
@@ -225,6 +225,11 @@ def write_video(path, video, fps=8, upscale=1):
         iio.imwrite(path, frames, duration=1000 / fps, loop=0)
     else:  # yuv420p needs even sizes; quality 9 keeps small clips readable
         iio.imwrite(path, frames, fps=fps, codec="libx264", quality=9, macro_block_size=2)
+
+
+def write_preview(out, step, video, fps, toy=False):
+    """A sample written during training (--sample-every): out/samples/step_000250.mp4, to watch a run learn."""
+    write_video(Path(out) / "samples" / f"step_{step:06d}.mp4", video, fps, upscale=8 if toy else 1)
 
 
 def side_by_side(videos):

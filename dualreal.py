@@ -62,7 +62,7 @@ def parse_args(argv=None):
                    help="CLIP vision model (ViT-H/14, 1024-d image_embeds) giving the motion adapters' c")
     p.add_argument("--max-text-len", type=int, default=226, help="T5 tokens, as CogVideoXPipeline")
     # adapters and controller
-    p.add_argument("--adapter-dim", type=int, default=64, help="bottleneck width of every adapter")
+    p.add_argument("--rank", type=int, default=64, help="bottleneck width (rank) of every adapter")
     p.add_argument("--groups", type=int, default=7, help="weight groups of consecutive blocks (42 blocks -> 6 each)")
     p.add_argument("--blend-scale", type=float, default=0.2, help="s: alpha = s sigmoid(.), beta = s - alpha")
     p.add_argument("--controller-dim", type=int, default=128, help="hidden width of the controller's MLP")
@@ -103,6 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="check inputs, print the plan, load nothing")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--sample-every", type=int, default=250, help="write a sample (fixed seed) to --out/samples/ every "
+                                                                 "this many steps (0: never)")
     p.add_argument("--ablate", action="store_true", help="toy world: run the base model, the full method and every "
                                                          "ablation (--seeds, --ablation-seeds), and print the table")
     p.add_argument("--seeds", type=int, default=3, help="seeds for the base model and the full method in --ablate")
@@ -129,10 +131,10 @@ TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, steps=20, cfg=
 def check_args(args):
     """Every numeric flag in range: --iterations 0 is the untrained base model; CogVideoX's VAE needs 4k+1 frames
     and sizes that are multiples of 16 (8x VAE, 2x2 patches)."""
-    common.check_numbers(args, at_least_one=["adapter_dim", "groups", "controller_dim", "motion_batch",
+    common.check_numbers(args, at_least_one=["rank", "groups", "controller_dim", "motion_batch",
                                              "identity_batch", "steps", "num_samples", "max_text_len", "fps",
                                              "log_every", "save_every", "seeds", "lr_cycles"],
-                         at_least_zero=["iterations", "warmup", "motion_start", "motion_stride", "ablation_seeds",
+                         at_least_zero=["iterations", "sample_every", "warmup", "motion_start", "motion_stride", "ablation_seeds",
                                         "weight_decay", "cfg"],
                          positive=["lr", "blend_scale", "grad_clip"], unit=["gamma"])
     if (args.frames - 1) % 4 or args.frames < 1:
@@ -350,7 +352,7 @@ def trainable(dr, controller=True):
 
 def save_adapters(dr, path, args):
     from safetensors.torch import save_file
-    meta = dict(method="dualreal", model=args.model, rank=str(args.adapter_dim), groups=str(dr.n_groups),
+    meta = dict(method="dualreal", model=args.model, rank=str(args.rank), groups=str(dr.n_groups),
                 s=str(dr.s), controller=str(dr.use_controller), cond_dim=str(dr.motion["attn"][0].cond.in_features),
                 controller_dim=str(args.controller_dim), iterations=str(args.iterations))
     state = {k: v.detach().float().cpu().contiguous() for k, v in dr.state_dict().items()}
@@ -451,6 +453,21 @@ def sample(transformer, scheduler, text, uncond, latents, steps, cfg):
     return z
 
 
+def generate(m, dr, text, c_subject, args, n):
+    """n videos (n, F, 3, H, W) of the sample prompt from fixed noise (--seed): the controller's weights at every
+    step, c = the subject photo's embedding."""
+    dr.eval()
+    dr.c = c_subject
+    transformer, vae = m["transformer"], m["vae"]
+    t_lat = (args.frames - 1) // vae.config.temporal_compression_ratio + 1  # CogVideoX's VAE: 49 -> 13
+    s = 2 ** (len(vae.config.block_out_channels) - 1)                       # as the pipeline: 8 (toy: 4)
+    noise = torch.randn(n, t_lat, transformer.config.in_channels, args.height // s, args.width // s,
+                        generator=torch.Generator().manual_seed(args.seed))
+    z = sample(transformer, m["scheduler"], text["sample"], text["negative"], noise.to(transformer.device), args.steps,
+               args.cfg)
+    return torch.cat([decode_video(vae, zi[None]) for zi in z]).cpu()  # one at a time: a real decode is large
+
+
 # -----------------------------------------------------------------------------
 # training: Dual-aware Adaptation
 
@@ -460,9 +477,10 @@ def is_motion_step(gen, gamma):
     return float(torch.rand(1, generator=gen)) < gamma
 
 
-def train(transformer, dr, alphas_cumprod, lat, text, cond, args, state, out):
+def train(transformer, dr, alphas_cumprod, lat, text, cond, args, state, out, preview=None):
     """`lat`: identity latents (K, 1, C, h, w) (photos as one-frame videos) and motion latents (M, F', C, h, w);
-    `cond`: the motion clips' c (M, D). Resumable from state['step'] (optimiser, schedule, generator, RNG)."""
+    `cond`: the motion clips' c (M, D). Resumable from state['step'] (optimiser, schedule, generator, RNG).
+    preview(step) writes a sample every --sample-every steps."""
     from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
     side = trainable(dr, not args.no_controller)
     params = side["identity"] + side["motion"] + side["controller"]
@@ -496,6 +514,9 @@ def train(transformer, dr, alphas_cumprod, lat, text, cond, args, state, out):
         log(step + 1, bar, **last, lr=lr_sched.get_last_lr()[0])
         if (step + 1) % args.save_every == 0 and step + 1 < args.iterations:
             save_state(out, dr, step + 1, opt, lr_sched, gen)
+        if preview and args.sample_every and (step + 1) % args.sample_every == 0:
+            preview(step + 1)
+            dr.train()
     dr.eval()
 
 
@@ -520,7 +541,7 @@ def plan(args, prompts, images, clips):
                                           "after encoding; CLIP ViT-H/14 vision ~0.6 B, freed too)"
     lines = [f"model: {args.model}" + real,
              f"image encoder: {'toy CLIP vision stand-in' if args.model == 'toy' else args.image_encoder}",
-             f"adapters: identity + motion bottlenecks (r {args.adapter_dim}) on attn and FF of every block; "
+             f"adapters: identity + motion bottlenecks (r {args.rank}) on attn and FF of every block; "
              + ("fixed alpha = beta = " + str(args.blend_scale / 2) if args.no_controller else
                 f"StageBlender Controller, s {args.blend_scale}")
              + f", {1 if args.no_grouping else args.groups} weight group(s)",
@@ -582,7 +603,7 @@ def main(argv=None):
     if args.sample_only:
         dr = load_adapters(transformer, out / "adapters.safetensors")
     else:
-        dr = add_dualreal(transformer, args.adapter_dim, 1 if args.no_grouping else args.groups, args.blend_scale,
+        dr = add_dualreal(transformer, args.rank, 1 if args.no_grouping else args.groups, args.blend_scale,
                           not args.no_controller, cond.shape[1], args.controller_dim)
         print(f"adapters: {sum(p.numel() for p in dr.parameters()) / 1e6:.2f} M parameters, "
               f"{len(dr.groups)} blocks in {dr.n_groups} group(s): {dr.groups}")
@@ -590,19 +611,12 @@ def main(argv=None):
                    motion=encode_video(m["vae"], videos.to(device)))
         if state:
             load_state(state, dr)
-        train(transformer, dr, m["scheduler"].alphas_cumprod, lat, text, cond, args, state, out)
+        preview = lambda step: common.write_preview(out, step, generate(m, dr, text, c_subject, args, 1)[0], args.fps,
+                                                    toy=args.model == "toy")
+        train(transformer, dr, m["scheduler"].alphas_cumprod, lat, text, cond, args, state, out, preview)
         save_adapters(dr, out / "adapters.safetensors", args)
 
-    # sample: the controller's weights at every step, c = the subject photo's embedding, a fixed seed
-    dr.eval()
-    dr.c = c_subject
-    gen = torch.Generator().manual_seed(args.seed)
-    t_lat = (args.frames - 1) // m["vae"].config.temporal_compression_ratio + 1  # CogVideoX's VAE: 49 -> 13
-    s = 2 ** (len(m["vae"].config.block_out_channels) - 1)                       # as the pipeline: 8 (toy: 4)
-    noise = torch.randn(args.num_samples, t_lat, transformer.config.in_channels, args.height // s, args.width // s,
-                        generator=gen)
-    z = sample(transformer, m["scheduler"], text["sample"], text["negative"], noise.to(device), args.steps, args.cfg)
-    video = torch.cat([decode_video(m["vae"], zi[None]) for zi in z]).cpu()  # one at a time: a real decode is large
+    video = generate(m, dr, text, c_subject, args, args.num_samples)
     return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps, toy=args.model == "toy")
 
 

@@ -440,7 +440,7 @@ BAD = {  # flags -> the words the one-line error must hold
     "lr nan": (["--lr", "nan"], "--lr must be a finite number > 0"),
     "lr 0": (["--lr", "0"], "--lr must be a finite number > 0"),
     "lr negative": (["--lr=-1e-3"], "--lr must be a finite number > 0"),
-    "rank 0": (["--adapter-dim", "0"], "--adapter-dim must be >= 1"),
+    "rank 0": (["--rank", "0"], "--rank must be >= 1"),
     "seed -1": (["--seed", "-1"], "--seed must be between"),
     "gamma 1.5": (["--gamma", "1.5"], "--gamma must be between 0 and 1"),
     "motion batch 0": (["--motion-batch", "0"], "--motion-batch must be >= 1"),
@@ -498,3 +498,14 @@ def test_bad_files_cost_nothing(tmp_path, capsys, monkeypatch):
         err = _bad(argv, capsys)
         assert words in err and len(err) < 400, (argv, err)
         assert checksum() == before, argv
+
+
+def test_samples_are_written_during_training_without_changing_it(tmp_path):
+    """--sample-every k: out/samples/step_k.mp4 from fixed noise; the training is the same as without previews."""
+    import safetensors.torch as st
+    dr_mod.main(FAST + ["--out", str(tmp_path / "a"), "--sample-every", "2", "--num-samples", "1"])
+    dr_mod.main(FAST + ["--out", str(tmp_path / "b"), "--sample-every", "0", "--num-samples", "1"])
+    assert sorted(q.name for q in (tmp_path / "a" / "samples").iterdir()) == ["step_000002.mp4", "step_000004.mp4"]
+    assert not (tmp_path / "b" / "samples").exists()
+    a, b = (st.load_file(tmp_path / r / "adapters.safetensors") for r in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
