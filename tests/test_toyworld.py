@@ -188,14 +188,17 @@ def test_shipped_encoders_load_and_are_frozen():
     assert tw.image_encoder("clip_vision")(torch.zeros(1, 3, 32, 32)).image_embeds.shape == (1, 32)
 
 
-def test_pretrain_runs_resumes_and_exports(tmp_path):
+def test_pretrain_runs_resumes_and_exports(tmp_path, monkeypatch):
     out, ckpt = tmp_path / "wan.safetensors", tmp_path / "ckpt.pt"
     base = ["pretrain", "--family", "wan", "--batch", "4", "--out", str(out), "--ckpt", str(ckpt),
             "--log-every", "1", "--save-every", "2", "--image-every", "2"]
     tw.main(base + ["--steps", "4"])
     straight = tw.load_backbone("wan", out).state_dict()
     tw.main(base + ["--steps", "2"])
+    ran, step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: ran.append(1) or step(self, *a, **k))
     tw.main(base + ["--steps", "4", "--resume"])
+    assert len(ran) == 2  # the resumed run did only steps 3 and 4 (from scratch, the same weights in 4 steps)
     resumed = tw.load_backbone("wan", out).state_dict()
     assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
     from safetensors import safe_open
