@@ -14,7 +14,11 @@ the text only; the reference tokens are in both branches.
     python dual_task_sdv.py sample --ckpt out/dual_task_sdv --image ref.png --prompt "a <cls> toy car driving"
     # the toy world on a CPU in minutes: train on toy pairs + videos, then sample held-out (novel) sprites
     python dual_task_sdv.py --model toy
-    python dual_task_sdv.py --model toy --p 0          # image-only ablation (the paper: videos freeze)
+    python dual_task_sdv.py --model toy --p 0 --out out/dual_task_sdv_p0   # image-only (the paper: videos freeze)
+
+Training writes pytorch_lora_weights.safetensors (the diffusers LoRA format: CogVideoXPipeline's load_lora_weights
+loads it) and cls_embedding.safetensors (the trained input row of <cls>) into --out; with --grad-every also
+grad_log.jsonl (B.1), which `python evaluate.py --grad-cosine PNG LOG...` draws as the paper's Fig. 5.
 
 The paper: Kim et al., "Subject-driven Video Generation via Disentangled Identity and Motion" (2025; CITATION.bib):
 sections 3-5, supplement A (LoRA, optimiser, data), B (gradient analysis), D. The official code is inference-only;
@@ -25,6 +29,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -46,6 +51,7 @@ import common
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "norm1.linear", "norm2.linear", "ff.net.2", "proj", "text_proj"]
 ADAPTER = "dtsdv"
 CLS = "<cls>"
+LORA_FILE, CLS_FILE = "pytorch_lora_weights.safetensors", "cls_embedding.safetensors"  # what training leaves
 
 
 def parse_args(argv=None):
@@ -61,9 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=720)
     p.add_argument("--frames", type=int, default=49, help="frames of the videos and of the result (4k+1)")
     # sample
-    p.add_argument("--ckpt", help="sample mode: the --out folder of a training run (lora.safetensors)")
+    p.add_argument("--ckpt", help="sample mode: the --out folder of a training run")
     p.add_argument("--image", help="sample mode: the reference image of the subject")
-    p.add_argument("--prompt", help="sampling prompt; should contain <cls> before the subject noun")
+    p.add_argument("--prompt", help="sample mode: the prompt, with <cls> before the subject noun")
     p.add_argument("--negative-prompt", default="", help="unconditional prompt of guidance")
     # models
     p.add_argument("--model", default="THUDM/CogVideoX-5b", help="hub id, local folder, or 'toy'")
@@ -124,44 +130,66 @@ TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, steps=20, cfg=
            lora_alpha=8, lora_dropout=0.0, iterations=2000, lr=1e-3, warmup=20, pair_batch=4, video_batch=2,
            pair_micro=4, video_micro=2, save_every=200, log_every=50)
 
+
 # -----------------------------------------------------------------------------
-# data: real folders (lazy, checked up front) and the toy world (in memory)
+# setup: one process per GPU under torchrun (nanoGPT style), or one plain process
 
 
-def _bad(what, reason, bad):
+def ddp_setup(device):
+    """(rank, world, device). Under torchrun this process's GPU is cuda:LOCAL_RANK, chosen before any model loads
+    (else every rank's weights land on GPU 0), and torch.distributed starts (NCCL on GPUs, gloo on CPUs)."""
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def micro_batches(batch, micro, world, flag):
+    """(micro-batch, passes) with micro-batch x passes x world = batch: sec. 4's 256 / 32 on any number of GPUs."""
+    micro = min(micro, max(batch // world, 1))
+    if batch % (micro * world):
+        common.fail(f"--{flag}-batch {batch} is not a multiple of {micro} (--{flag}-micro) x {world} processes")
+    return micro, batch // (micro * world)
+
+
+# -----------------------------------------------------------------------------
+# data: real folders (records checked before anything loads, files read lazily) and the toy world (in memory)
+
+
+def skip(what, reason, bad, total, max_bad):
+    """A bad record is skipped with one warning line; more than --max-bad of `total` ends the run."""
     print(f"warning: skipping {what}: {reason}", file=sys.stderr)
     bad.append(what)
-
-
-def _check_bad(bad, total, max_bad, kind):
-    if total == 0 or len(bad) / total > max_bad:
-        common.fail(f"{len(bad)} of {total} {kind} records are bad (more than --max-bad {max_bad:g}); fix the data")
+    if len(bad) > max_bad * total:
+        common.fail(f"{len(bad)} of {total} records are bad (more than --max-bad {max_bad:g}); fix the data")
 
 
 def read_pairs(folder, max_bad):
     """[(ref path, target path, prompt)] from FOLDER/pairs.jsonl: {"ref", "target", "prompt"} per line, or
-    {"image", "prompt"} for a side-by-side composite (Subject200K; ref == target path marks it). Bad lines are
-    counted, warned and skipped."""
-    folder = Path(folder)
-    index = folder / "pairs.jsonl"
-    if not index.is_file():
+    {"image", "prompt"} for a side-by-side composite (Subject200K; ref == target path marks it)."""
+    folder, good, bad = Path(folder), [], []
+    if not (folder / "pairs.jsonl").is_file():
         common.fail(f"--pairs {folder} has no pairs.jsonl (one {{\"ref\", \"target\", \"prompt\"}} per line)")
-    good, bad, lines = [], [], [line for line in index.read_text().splitlines() if line.strip()]
+    lines = [line for line in (folder / "pairs.jsonl").read_text().splitlines() if line.strip()]
     for i, line in enumerate(lines, 1):
         try:
             r = json.loads(line)
-            if "image" in r:  # a Subject200K-style side-by-side composite: left = ref, right = target
-                r = dict(r, ref=r["image"], target=r["image"])
-            ref, target, prompt = folder / r["ref"], folder / r["target"], str(r["prompt"]).strip()
+            r = dict(r, ref=r["image"], target=r["image"]) if "image" in r else r  # composite: left ref, right target
+            pair = (folder / r["ref"], folder / r["target"], str(r["prompt"]).strip())
+            why = next((f"missing file {q}" for q in pair[:2] if not q.is_file()), "" if pair[2] else "empty prompt")
         except (ValueError, KeyError, TypeError) as e:
-            _bad(f"pairs.jsonl line {i}", f"not a {{ref, target, prompt}} record ({e})", bad)
-            continue
-        missing = [q for q in (ref, target) if not q.is_file()]
-        if missing or not prompt:
-            _bad(f"pairs.jsonl line {i}", f"missing file {missing[0]}" if missing else "empty prompt", bad)
-            continue
-        good.append((ref, target, prompt))
-    _check_bad(bad, len(lines), max_bad, "pair")
+            why = f"not a {{ref, target, prompt}} record ({e})"
+        if why:
+            skip(f"pairs.jsonl line {i}", why, bad, len(lines), max_bad)
+        else:
+            good.append(pair)
+    if not good:
+        common.fail(f"--pairs {folder}: pairs.jsonl holds no usable pair")
     return good
 
 
@@ -174,18 +202,19 @@ def read_videos(folder, max_bad):
     index, captions = {}, folder / "captions.jsonl"
     for line in captions.read_text().splitlines() if captions.is_file() else []:
         with contextlib.suppress(ValueError, KeyError, TypeError):  # a broken line leaves its video uncaptioned,
-            r = json.loads(line)                                    # which is then counted as bad below
+            r = json.loads(line)                                    # which is then skipped below
             index[str(r["video"])] = str(r["caption"]).strip()
     files = sorted(q for q in folder.iterdir() if q.suffix.lower() in common.VIDEO_EXTS)
     good, bad = [], []
     for q in files:
         cap = q.with_suffix(".txt")
         text = cap.read_text().strip() if cap.is_file() else index.get(q.name, "")
-        if not text:
-            _bad(str(q), "no caption (a non-empty sidecar .txt or a captions.jsonl line)", bad)
-            continue
-        good.append((q, text))
-    _check_bad(bad, len(files), max_bad, "video")
+        if text:
+            good.append((q, text))
+        else:
+            skip(str(q), "no caption (a non-empty sidecar .txt or a captions.jsonl line)", bad, len(files), max_bad)
+    if not good:
+        common.fail(f"--videos {folder} holds no captioned video ({', '.join(common.VIDEO_EXTS)})")
     return good
 
 
@@ -199,9 +228,19 @@ def jitter_crop(image, size, jitter, gen):
     return big[..., dy:dy + size[0], dx:dx + size[1]]
 
 
+def read_clip(path, frames, fps, size):
+    """The first `frames` frames of a video at `fps` (A.2: decoded at the source rate, sub-sampled to 8 fps), not
+    spread over the whole clip, which would train a faster motion on longer clips. Too short a clip is an error."""
+    meta = iio.immeta(path)
+    source_fps = meta.get("fps") or 1000 / meta["duration"]  # ffmpeg gives the rate; a GIF, ms per frame
+    span = round((frames - 1) * source_fps / fps) + 1        # source frames covering frames / fps seconds
+    clip = common.read_video(path, span, size, end=span)     # consecutive frames 0 .. span-1
+    return clip[torch.linspace(0, span - 1, frames).round().long()]
+
+
 class FolderData:
-    """Real data, read lazily per step. A file that fails to decode during training is warned about, counted, and
-    replaced by another random record (the run stops once the bad fraction passes --max-bad)."""
+    """Real data: the records are checked up front (cheap: no file is decoded, a corpus is large); the files are
+    read per step. One that fails to decode then is skipped like a bad record, and another random one is drawn."""
 
     def __init__(self, args):
         self.pairs, self.videos = read_pairs(args.pairs, args.max_bad), read_videos(args.videos, args.max_bad)
@@ -216,14 +255,13 @@ class FolderData:
         out = []
         for i in idx.tolist():
             while True:
-                try:  # common's readers end a CLI run on a bad file (SystemExit); here the record is skipped
+                try:  # common's readers end a CLI run on a bad file (SystemExit); here its line becomes a warning
                     with contextlib.redirect_stderr(io.StringIO()) as err:
                         out.append(load(records[i], gen))
                     break
                 except (Exception, SystemExit) as e:
-                    why = err.getvalue().strip().removeprefix("error: ") or f"{type(e).__name__}: {e}"
-                    _bad(str(records[i][0]), f"unreadable ({why})", self.bad)
-                    _check_bad(self.bad, len(records), self.max_bad, "training")
+                    why = err.getvalue().strip().removeprefix("error: ") or common.first_line(e)
+                    skip(str(records[i][0]), f"unreadable ({why})", self.bad, len(records), self.max_bad)
                     i = int(torch.randint(len(records), (1,), generator=gen))
         return out
 
@@ -243,16 +281,6 @@ class FolderData:
     def video_batch(self, idx, gen):
         got = self._load(self.videos, idx, lambda r, g: (read_clip(r[0], self.frames, self.fps, self.size), r[1]), gen)
         return torch.stack([g[0] for g in got]), [g[1] for g in got]
-
-
-def read_clip(path, frames, fps, size):
-    """The first `frames` frames of a video at `fps` (A.2: decoded at the source rate, sub-sampled to 8 fps), not
-    spread over the whole clip, which would train a faster motion on longer clips. Too short a clip is an error."""
-    meta = iio.immeta(path)
-    source_fps = meta.get("fps") or 1000 / meta["duration"]  # ffmpeg gives the rate; a GIF, ms per frame
-    span = round((frames - 1) * source_fps / fps) + 1        # source frames covering frames / fps seconds
-    clip = common.read_video(path, span, size, end=span)     # consecutive frames 0 .. span-1
-    return clip[torch.linspace(0, span - 1, frames).round().long()]
 
 
 def toy_prompt(c, image=False):
@@ -289,9 +317,8 @@ class ToyData:
     def video_batch(self, idx, gen):
         return self.clips[idx], [self.captions[i] for i in idx.tolist()]
 
-
 # -----------------------------------------------------------------------------
-# models
+# backbone and adapters: CogVideoX, <cls>, the LoRA, and the transformer's forward with reference tokens
 
 
 def load_models(args, device, dtype):
@@ -348,10 +375,6 @@ def encode_video(vae, video):
 @torch.no_grad()
 def decode_video(vae, z):
     return vae.decode((z.transpose(1, 2) / vae.config.scaling_factor).to(vae.dtype)).sample.float().transpose(1, 2)
-
-
-# -----------------------------------------------------------------------------
-# the transformer's forward with reference tokens: [text, ref, video], built from its own modules
 
 
 def ref_tokens(transformer, ref):
@@ -445,22 +468,62 @@ def forward_with_reference(transformer, z, text, t, ref=None, keep=None):
     return x.float()
 
 
+# the trained weights in the formats users load: the LoRA as diffusers saves it (its LoraConfig in the file's
+# metadata, so CogVideoXPipeline.load_lora_weights(out) rebuilds rank, alpha and targets), and the <cls> row in
+# its own small file, {"<cls>": (D,) fp32}, as textual inversion keeps a new word (diffusers' CogVideoX pipeline
+# has no textual-inversion loader: set the row yourself, as load_lora below does)
+
+
+def save_lora(tr, m, args, out):
+    from diffusers import CogVideoXPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    meta = dict(method="dual_task_sdv", model=args.model, iterations=str(args.iterations), p=str(args.p))
+    common.save_atomic({CLS: m["cls"].detach().float().cpu().contiguous()}, out / CLS_FILE,
+                       lambda sd, q: save_file(sd, q, metadata=meta))
+    common.save_atomic(get_peft_model_state_dict(tr, adapter_name=ADAPTER), out / LORA_FILE, lambda sd, q:
+                       CogVideoXPipeline.save_lora_weights(Path(q).parent, transformer_lora_layers=sd,
+                                                           weight_name=Path(q).name,
+                                                           transformer_lora_adapter_metadata=tr.peft_config[ADAPTER]
+                                                           .to_dict()))
+
+
+def read_cls(folder, model):
+    """The trained <cls> row of a run's folder; both files opened (and the model compared) before anything loads."""
+    from safetensors import safe_open
+    for name in (LORA_FILE, CLS_FILE):
+        if not (Path(folder) / name).is_file():
+            common.fail(f"--ckpt {folder} holds no {name}; train first (its --out is the --ckpt to sample from)")
+    try:
+        with safe_open(str(Path(folder) / LORA_FILE), "pt") as f:
+            f.keys()
+        with safe_open(str(Path(folder) / CLS_FILE), "pt") as f:
+            meta, row = f.metadata() or {}, f.get_tensor(CLS)
+    except Exception as e:
+        common.fail(f"cannot read the trained weights in {folder} ({common.first_line(e)}): train again")
+    if meta.get("model") != model:
+        common.fail(f"--ckpt {folder} was trained on --model {meta.get('model')}, not {model}: sample with that one")
+    return row
+
+
+def load_lora(m, folder, row):
+    """What pipe.load_lora_weights(folder) does to the transformer (load_lora_adapter), and the <cls> row."""
+    m["transformer"].load_lora_adapter(str(folder), weight_name=LORA_FILE, adapter_name=ADAPTER)
+    m["transformer"].eval()  # the adapter's new dropout layers start in training mode
+    m["cls"].data.copy_(row)
+
+
 # -----------------------------------------------------------------------------
-# the dual-task pieces: task draw, RandomFrameSelect, TokenDrop, the loss
+# the method's losses: task draw, RandomFrameSelect, TokenDrop, the v-loss, buffered PCGrad
 
 
-class TaskSampler:
-    """u ~ U(0, 1) from a generator seeded the same on every rank: u < p -> a video (motion) step, else an identity
-    step. Every rank draws the same sequence, so all ranks run the same task in a step."""
-
-    def __init__(self, seed, p, two_stage_at=None):
-        self.gen, self.p, self.two_stage_at = torch.Generator().manual_seed(seed), p, two_stage_at
-
-    def __call__(self, step):
-        u = float(torch.rand(1, generator=self.gen))
-        if self.two_stage_at is not None:  # --two-stage: identity first, then video
-            return step >= self.two_stage_at
-        return u < self.p
+def video_steps(seed, p, iterations, two_stage=False):
+    """Algorithm 1's task draw for every step at once: u ~ U(0, 1) < p -> a video (motion) step, else an identity
+    step. The generator is seeded the same on every rank, so all ranks run the same task in a step (and --resume
+    needs no state for it). --two-stage: identity steps for the first half, video steps after."""
+    if two_stage:
+        return torch.arange(iterations) >= iterations // 2
+    return torch.rand(iterations, generator=torch.Generator().manual_seed(seed)) < p
 
 
 def token_keep(n_tokens, batch, p_drop, gen):
@@ -524,44 +587,6 @@ class DualTaskStep(torch.nn.Module):
         return v_loss(tr, z0, enc(prompts), ac, gen, ref)  # a one-frame video on a 2-frame rotary grid
 
 
-# -----------------------------------------------------------------------------
-# data parallelism (torchrun, DDP), flat gradients, gradient monitoring and buffered PCGrad
-
-
-def ddp_setup(device):
-    """(rank, world, device). Under torchrun this process's GPU is cuda:LOCAL_RANK, chosen before any model loads
-    (else every rank's weights land on GPU 0), and torch.distributed starts (NCCL on GPUs, gloo on CPUs)."""
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, device
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def micro_batches(batch, micro, world, flag):
-    """(micro-batch, passes) with micro-batch x passes x world = batch: sec. 4's 256 / 32 on any number of GPUs."""
-    micro = min(micro, max(batch // world, 1))
-    if batch % (micro * world):
-        common.fail(f"--{flag}-batch {batch} is not a multiple of {micro} (--{flag}-micro) x {world} processes")
-    return micro, batch // (micro * world)
-
-
-def flat_grad(params):
-    """The gradients of params concatenated in a fixed order (zeros where None), fp32."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in params])
-
-
-def set_flat_grad(params, flat):
-    i = 0
-    for p in params:
-        p.grad = flat[i:i + p.numel()].view_as(p).to(p.dtype).clone()
-        i += p.numel()
-
-
 def pcgrad_project(g, other, eps=1e-12):
     """Supplement B.3: g - 1[<g, o> < 0] <g, o> / (||o||^2 + eps) o, i.e. remove the component of g that conflicts
     with the other task's gradient o (nothing changes when they do not conflict)."""
@@ -585,173 +610,8 @@ class PCGradBuffer:
         return g if other is None else pcgrad_project(g, other)
 
 
-def grad_probe(model, params, probe, args):
-    """cos(g_img, g_vid), ||g_img||, ||g_vid|| on the fixed validation batches (fixed noise too); the parameters'
-    gradients are cleared afterwards. One backward per task: under DDP its all-reduce gives the mean over ranks of
-    the task's gradient, which is what B.1 computes from the pre-sync capture (sum over ranks / world)."""
-    g = {}
-    for kind, batch in probe.items():
-        for p in params:
-            p.grad = None
-        model(kind, batch, torch.Generator().manual_seed(args.seed + 777)).backward()
-        g[kind] = flat_grad(params)
-    for p in params:
-        p.grad = None
-    return dict(cos=float(F.cosine_similarity(g["image"], g["video"], dim=0)), norm_img=float(g["image"].norm()),
-                norm_vid=float(g["video"].norm()))
-
-
-def plot_grad_log(logs, png):
-    """Fig. 5: the gradient cosine over steps (and the norms) of runs {label: grad_log.jsonl}, if matplotlib is."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3))
-    for label, path in logs.items():
-        rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
-        for a, k, style in ((ax[0], "cos", "-"), (ax[1], "norm_img", "-"), (ax[1], "norm_vid", "--")):
-            a.plot([r["step"] for r in rows], [r[k] for r in rows], style, label=f"{k} {label}".strip())
-    ax[0].axhline(0, color="gray", lw=0.5)
-    ax[0].set(xlabel="step", ylabel="cos(g_img, g_vid)")
-    ax[1].set(xlabel="step", ylabel="gradient norm")
-    for a in ax:
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-
-
-def validation_split(n, n_val, seed):
-    """B.1 measures on a validation split disjoint from training: n_val records, drawn with a seed that every rank
-    shares, leave the training pool -> (training indices, validation indices)."""
-    if n_val >= n:
-        common.fail(f"{n} records leave none to train on after a validation split of {n_val} (--grad-every)")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_val:].sort().values, perm[:n_val]
-
-
-def train(m, data, args, out, batches, rank=0, world=1):
-    """Algorithm 1: each step is a video (I2V) or an identity (one-frame) step, drawn by a task generator seeded the
-    same on every rank; data and noise use per-rank generators. batches: {kind: (micro-batch, passes)}."""
-    from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
-    tr, params, model = m["transformer"], trainable(m, args), DualTaskStep(m, args)
-    if world > 1:  # backward averages the gradients over ranks. DDP first broadcasts rank 0's weights (the frozen
-        # transformer's too): all ranks start equal. A video caption without <cls> leaves that row unused.
-        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
-    lora = [p for p in params if p is not m["cls"]]
-    groups = [dict(params=lora)] + ([dict(params=[m["cls"]], weight_decay=0.0)] if len(lora) < len(params) else [])
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    sched = get_cosine_with_hard_restarts_schedule_with_warmup(opt, args.warmup, args.iterations, args.lr_cycles)
-    gen = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)       # data + noise: per rank
-    tasks = TaskSampler(args.seed, args.p, args.iterations // 2 if args.two_stage else None)  # the same on all ranks
-    pcgrad = PCGradBuffer(args.pcgrad) if args.pcgrad else None
-    state = load_state(out, tr, m["cls"]) if args.resume else {}
-    if state:
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"][rank])
-        tasks.gen.set_state(state["tasks"])
-    pools = dict(image=torch.arange(len(data.pairs)), video=torch.arange(len(data.videos)))
-    load = dict(image=data.pair_batch, video=data.video_batch)
-    probe = None
-    if args.grad_every:  # one fixed validation mini-batch per task and rank, the same every time
-        val, pg = {}, torch.Generator().manual_seed(args.seed + 999)
-        for kind, (micro, _) in batches.items():
-            pools[kind], val[kind] = validation_split(len(pools[kind]), micro * world, args.seed)
-        probe = {kind: load[kind](val[kind][rank::world], pg) for kind in ("image", "video")}
-    # a DistributedSampler-style split: rank r draws from pool[r], pool[r + world], ...
-    pools = {kind: pool[rank::world] if len(pool) > rank else pool for kind, pool in pools.items()}
-    draw = lambda pool, b, g: pool[torch.randint(len(pool), (b,), generator=g)]
-    log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
-    if probe is not None and rank == 0 and not args.resume:  # a new run's probe log starts afresh, as log.jsonl does
-        (out / "grad_log.jsonl").unlink(missing_ok=True)
-    model.train()
-    bar = tqdm(range(state.get("step", 0), args.iterations), desc="dual-task", disable=None if rank == 0 else True)
-    for step in bar:
-        if probe is not None and step % args.grad_every == 0:
-            stats = grad_probe(model, params, probe, args)
-            if rank == 0:
-                with open(out / "grad_log.jsonl", "a") as f:
-                    f.write(json.dumps(dict(step=step, **stats)) + "\n")
-        kind = "video" if tasks(step) else "image"
-        (micro, passes), total = batches[kind], 0.0
-        opt.zero_grad(set_to_none=True)
-        for i in range(passes):  # gradient accumulation: DDP all-reduces once, in the last pass's backward
-            with model.no_sync() if world > 1 and i < passes - 1 else contextlib.nullcontext():
-                loss = model(kind, load[kind](draw(pools[kind], micro, gen), gen), gen) / passes
-                common.check_finite(loss, step)
-                loss.backward()
-            total += loss.item()
-        if pcgrad is not None:  # on the averaged gradient: every rank projects the same vector
-            set_flat_grad(params, pcgrad(kind, flat_grad(params)))
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        sched.step()
-        last[kind] = total
-        if rank == 0:
-            log(step + 1, bar, **last, lr=sched.get_last_lr()[0])
-        if (step + 1) % args.save_every == 0 and step + 1 < args.iterations:
-            save_state(out, tr, m["cls"], step + 1, opt, sched, gen, tasks, rank, world)
-    if probe is not None and rank == 0 and (out / "grad_log.jsonl").is_file():
-        plot_grad_log({"": out / "grad_log.jsonl"}, out / "grad_log.png")
-    model.eval()
-
-
-def lora_state(tr):
-    return {n: p.detach().float().cpu().contiguous() for n, p in tr.named_parameters() if f".{ADAPTER}." in n}
-
-
-def save_state(out, tr, cls, step, opt, sched, gen, tasks, rank=0, world=1):
-    """Rank 0 writes; the per-rank data/noise generator states are gathered so that --resume continues each rank."""
-    gens = [gen.get_state()]
-    if world > 1:
-        import torch.distributed as dist
-        gens = [None] * world
-        dist.all_gather_object(gens, gen.get_state())
-    if rank == 0:
-        common.save_atomic(dict(step=step, lora=lora_state(tr), cls=cls.detach().cpu(), opt=opt.state_dict(),
-                                sched=sched.state_dict(), gen=gens, tasks=tasks.gen.get_state(),
-                                rng=common.rng_state()), out / "ckpt.pt")
-
-
-def load_state(out, tr, cls):
-    state = common.load_checkpoint(out / "ckpt.pt")
-    tr.load_state_dict(state["lora"], strict=False)
-    cls.data.copy_(state["cls"])
-    common.set_rng_state(state["rng"])
-    return state
-
-
-# lora.safetensors: the LoRA's weights under their peft module names (lora_A/lora_B.dtsdv) and "cls_embedding"
-# (the trained T5 input row of <cls>, (D,), fp32); metadata: rank, alpha, targets, model, iterations, p
-
-
-def save_lora(tr, m, args, path):
-    from safetensors.torch import save_file
-    sd = dict(lora_state(tr), cls_embedding=m["cls"].detach().float().cpu().contiguous())
-    meta = dict(method="dual_task_sdv", model=args.model, rank=str(args.rank), alpha=str(args.lora_alpha),
-                targets=json.dumps(LORA_TARGETS), iterations=str(args.iterations), p=str(args.p))
-    common.save_atomic(sd, path, lambda s, q: save_file(s, q, metadata=meta))
-
-
-def load_lora(tr, m, path):
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    common.add_lora(tr, ADAPTER, int(meta["rank"]), json.loads(meta["targets"]), alpha=float(meta["alpha"]))
-    m["cls"].data.copy_(sd.pop("cls_embedding"))
-    missing = set(sd) - {n for n, _ in tr.named_parameters()}
-    if missing:
-        common.fail(f"{path} does not fit this --model ({len(missing)} unknown weights); train again")
-    tr.load_state_dict(sd, strict=False)
-    return meta
-
-
 # -----------------------------------------------------------------------------
-# sampling
+# sampling: CogVideoX's sampler, guidance on the text only
 
 
 @torch.no_grad()
@@ -795,6 +655,24 @@ TOY_HELDOUT = [dict(colour="yellow", shape="star", pattern="dotted", background=
                dict(colour="blue", shape="star", pattern="striped", background="black", motion="circle")]
 
 
+def write_results(out, video, fps, upscale, grid=None, metrics=None):
+    """result/ (PNG frames), result.mp4 and, in the toy world, result_grid.mp4 and metrics.json: written beside
+    (.result.tmp), then moved into place, so a crash while writing leaves the earlier result whole."""
+    tmp = out / ".result.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    common.write_frames(tmp / "result", video)
+    common.write_video(tmp / "result.mp4", video, fps, upscale=upscale)
+    if grid is not None:
+        common.write_video(tmp / "result_grid.mp4", grid, fps, upscale=upscale)
+    if metrics is not None:
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    for q in tmp.iterdir():
+        if (out / q.name).is_dir():
+            shutil.rmtree(out / q.name)
+        os.replace(q, out / q.name)
+    tmp.rmdir()
+
+
 def toy_eval(m, args, out):
     """Sample each held-out sprite from a reference image (its own scene) into a video on a gray background;
     identity = factor match against the reference's recognised factors; dynamics = mean sprite speed."""
@@ -804,26 +682,147 @@ def toy_eval(m, args, out):
         ref = tw.render([dict(c, motion="still")], torch.Generator().manual_seed(i), frames=1)[0, 0]
         prompt = toy_prompt(dict(c, background="gray"))
         video = generate(m, ref, prompt, args, args.seed + i)
-        factors = tw.reference_factors([ref])
         traj = tw.centroids(tw.segment(video)[1])
         template = tw.trajectory(c["motion"], 1, torch.Generator().manual_seed(0))[0]  # the prompt's motion
-        rows.append(dict(identity=tw.factor_match(video, factors), dynamics=tw.dynamics(traj),
+        rows.append(dict(identity=tw.factor_match(video, tw.reference_factors([ref])), dynamics=tw.dynamics(traj),
                          motion=tw.motion_score(traj, template)))
         videos.append(video)
         refs.append(ref[None].expand_as(video))
         print(f"held-out {c['colour']} {c['pattern']} {c['shape']}: {prompt!r}: " +
               ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()))
     metrics = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-    common.write_frames(out / "result", videos[0])
-    common.write_video(out / "result.mp4", videos[0], args.fps, upscale=8)
-    common.write_video(out / "result_grid.mp4", common.side_by_side(refs + videos), args.fps, upscale=8)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_results(out, videos[0], args.fps, 8, common.side_by_side(refs + videos), metrics)
     print("toy metrics (mean over held-out sprites): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return metrics
 
 
 # -----------------------------------------------------------------------------
+# training loop: Algorithm 1 under DDP, with supplement B's gradient analysis and buffered PCGrad
+
+
+def flat_grad(params):
+    """The gradients of params concatenated in a fixed order (zeros where None), fp32."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in params])
+
+
+def set_flat_grad(params, flat):
+    i = 0
+    for p in params:
+        p.grad = flat[i:i + p.numel()].view_as(p).to(p.dtype).clone()
+        i += p.numel()
+
+
+def grad_probe(model, params, probe, args):
+    """cos(g_img, g_vid), ||g_img||, ||g_vid|| on the fixed validation batches (fixed noise too); the parameters'
+    gradients are cleared afterwards. One backward per task: under DDP its all-reduce gives the mean over ranks of
+    the task's gradient, which is what B.1 computes from the pre-sync capture (sum over ranks / world)."""
+    g = {}
+    for kind, batch in probe.items():
+        for p in params:
+            p.grad = None
+        model(kind, batch, torch.Generator().manual_seed(args.seed + 777)).backward()
+        g[kind] = flat_grad(params)
+    for p in params:
+        p.grad = None
+    return dict(cos=float(F.cosine_similarity(g["image"], g["video"], dim=0)), norm_img=float(g["image"].norm()),
+                norm_vid=float(g["video"].norm()))
+
+
+def validation_split(n, n_val, seed):
+    """B.1 measures on a validation split disjoint from training: n_val records, drawn with a seed that every rank
+    shares, leave the training pool -> (training indices, validation indices)."""
+    if n_val >= n:
+        common.fail(f"{n} records leave none to train on after a validation split of {n_val} (--grad-every)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val]
+
+
+def lora_state(tr):
+    return {n: p.detach().float().cpu().contiguous() for n, p in tr.named_parameters() if f".{ADAPTER}." in n}
+
+
+def save_state(out, tr, cls, step, opt, sched, gen, rank=0, world=1):
+    """Rank 0 writes; the per-rank data/noise generator states are gathered so that --resume continues each rank."""
+    gens = [gen.get_state()]
+    if world > 1:
+        import torch.distributed as dist
+        gens = [None] * world
+        dist.all_gather_object(gens, gen.get_state())
+    if rank == 0:
+        common.save_atomic(dict(step=step, lora=lora_state(tr), cls=cls.detach().cpu(), opt=opt.state_dict(),
+                                sched=sched.state_dict(), gen=gens, rng=common.rng_state()), out / "ckpt.pt")
+
+
+def train(m, data, args, out, batches, state, rank=0, world=1):
+    """Algorithm 1: each step is a video (I2V) or an identity (one-frame) step, drawn by a task generator seeded the
+    same on every rank; data and noise use per-rank generators. batches: {kind: (micro-batch, passes)}; state: the
+    --resume checkpoint ({} for a new run)."""
+    from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
+    tr, params, model = m["transformer"], trainable(m, args), DualTaskStep(m, args)
+    if world > 1:  # backward averages the gradients over ranks. DDP first broadcasts rank 0's weights (the frozen
+        # transformer's too): all ranks start equal. A video caption without <cls> leaves that row unused.
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
+    lora = [p for p in params if p is not m["cls"]]
+    groups = [dict(params=lora)] + ([dict(params=[m["cls"]], weight_decay=0.0)] if len(lora) < len(params) else [])
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    sched = get_cosine_with_hard_restarts_schedule_with_warmup(opt, args.warmup, args.iterations, args.lr_cycles)
+    gen = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)       # data + noise: per rank
+    tasks = video_steps(args.seed, args.p, args.iterations, args.two_stage)  # the same on all ranks
+    pcgrad = PCGradBuffer(args.pcgrad) if args.pcgrad else None
+    if state:
+        tr.load_state_dict(state["lora"], strict=False)
+        m["cls"].data.copy_(state["cls"])
+        common.set_rng_state(state["rng"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"][rank])
+    pools = dict(image=torch.arange(len(data.pairs)), video=torch.arange(len(data.videos)))
+    load = dict(image=data.pair_batch, video=data.video_batch)
+    probe = None
+    if args.grad_every:  # one fixed validation mini-batch per task and rank, the same every time
+        val, pg = {}, torch.Generator().manual_seed(args.seed + 999)
+        for kind, (micro, _) in batches.items():
+            pools[kind], val[kind] = validation_split(len(pools[kind]), micro * world, args.seed)
+        probe = {kind: load[kind](val[kind][rank::world], pg) for kind in ("image", "video")}
+    # a DistributedSampler-style split: rank r draws from pool[r], pool[r + world], ...
+    pools = {kind: pool[rank::world] if len(pool) > rank else pool for kind, pool in pools.items()}
+    draw = lambda pool, b, g: pool[torch.randint(len(pool), (b,), generator=g)]
+    log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
+    if probe is not None and rank == 0 and not args.resume:  # a new run's probe log starts afresh, as log.jsonl does
+        (out / "grad_log.jsonl").unlink(missing_ok=True)
+    model.train()
+    bar = tqdm(range(state.get("step", 0), args.iterations), desc="dual-task", disable=None if rank == 0 else True)
+    for step in bar:
+        if probe is not None and step % args.grad_every == 0:
+            stats = grad_probe(model, params, probe, args)
+            if rank == 0:
+                with open(out / "grad_log.jsonl", "a") as f:
+                    f.write(json.dumps(dict(step=step, **stats)) + "\n")
+        kind = "video" if tasks[step] else "image"
+        (micro, passes), total = batches[kind], 0.0
+        opt.zero_grad(set_to_none=True)
+        for i in range(passes):  # gradient accumulation: DDP all-reduces once, in the last pass's backward
+            with model.no_sync() if world > 1 and i < passes - 1 else contextlib.nullcontext():
+                loss = model(kind, load[kind](draw(pools[kind], micro, gen), gen), gen) / passes
+                common.check_finite(loss, step)
+                loss.backward()
+            total += loss.item()
+        if pcgrad is not None:  # on the averaged gradient: every rank projects the same vector
+            set_flat_grad(params, pcgrad(kind, flat_grad(params)))
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        sched.step()
+        last[kind] = total
+        if rank == 0:
+            log(step + 1, bar, **last, lr=sched.get_last_lr()[0])
+        if (step + 1) % args.save_every == 0 and step + 1 < args.iterations:
+            save_state(out, tr, m["cls"], step + 1, opt, sched, gen, rank, world)
+    model.eval()
+
+
+# -----------------------------------------------------------------------------
 # main
+
 
 ABLATIONS = {"base (no training)": ["--iterations", "0"], "p 0.2": [], "p 0 (image only)": ["--p", "0"],
              "p 0.4": ["--p", "0.4"], "two-stage": ["--two-stage"], "no random frame": ["--no-random-frame"],
@@ -834,30 +833,21 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.ablate:
-        rows = common.run_ablations(main, argv, ABLATIONS, args, "dual_task_sdv", "")
-        logs = {name: Path(args.out) / "ablations" / common.slug(name) / "seed0" / "grad_log.jsonl"
-                for name in ("p 0 (image only)", "p 0.2")}
-        logs = {name: path for name, path in logs.items() if path.is_file()}  # p 0 is skipped by --ablation-seeds 0
-        if logs:  # Fig. 5 in the toy world: the two runs' gradient cosines on one plot, kept with results/
-            plot_grad_log(logs, Path("results") / "dual_task_sdv" / "grad_cosine.png")
-        return rows
-    if args.mode == "sample":
-        if not args.ckpt or not (Path(args.ckpt) / "lora.safetensors").is_file():
-            common.fail(f"sample: --ckpt {args.ckpt!r} holds no lora.safetensors; train first")
-        if not args.image or not Path(args.image).is_file() or not args.prompt:
-            common.fail("sample: --image REF (an image file) and --prompt are needed")
+        return common.run_ablations(main, argv, ABLATIONS, args, "dual_task_sdv", "")
+    if args.mode == "sample" and (not args.ckpt or not args.image or not args.prompt):
+        common.fail("sample: --ckpt RUN (a training's --out), --image REF and --prompt are needed")
     if args.mode == "train" and (not args.pairs or not args.videos):
         common.fail("train: --pairs DIR and --videos DIR are needed (or --model toy)")
     if args.model != "toy":
         common.check_pretrained(args.model, "--model")
     out = Path(args.out)
-    if args.resume and not (out / "ckpt.pt").is_file():
-        common.fail(f"--resume: no checkpoint at {out / 'ckpt.pt'}; run without --resume to start a new training")
-    data = None
-    if args.mode == "train":
-        data = FolderData(args)
-    elif args.mode == "toy":
-        data = ToyData(args.toy_pairs, args.toy_videos, args.seed)
+    data, state, batches = None, {}, None
+    if args.mode == "sample":
+        row = read_cls(args.ckpt, args.model)
+        image = common.read_image(args.image, (args.height, args.width))  # resized/cropped to the training size
+    else:
+        data = FolderData(args) if args.mode == "train" else ToyData(args.toy_pairs, args.toy_videos, args.seed)
+        state = common.load_checkpoint(out / "ckpt.pt") if args.resume else {}
     device, dtype = common.device_and_dtype(args.dtype)
     rank, world, device = ddp_setup(device)  # before loading: each rank's weights on its own GPU
     if data is not None:
@@ -865,28 +855,27 @@ def main(argv=None):
                        video=micro_batches(args.video_batch, args.video_micro, world, "video"))
     common.seed_everything(args.seed)
     m = load_models(args, device, dtype)
-    out.mkdir(parents=True, exist_ok=True)
     tr = m["transformer"]
     if args.grad_ckpt:
         tr.enable_gradient_checkpointing()
     if args.mode == "sample":
-        load_lora(tr, m, Path(args.ckpt) / "lora.safetensors")
-        image = common.read_image(args.image, (args.height, args.width))  # resized/cropped to the training size
+        load_lora(m, args.ckpt, row)
         video = generate(m, image, args.prompt, args, args.seed)
-        common.write_frames(out / "result", video)
-        common.write_video(out / "result.mp4", video, args.fps, upscale=8 if args.model == "toy" else 1)
+        out.mkdir(parents=True, exist_ok=True)
+        write_results(out, video, args.fps, 8 if args.model == "toy" else 1)
         print(f"wrote {out / 'result.mp4'} ({args.prompt!r})")
         return None
     if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     lora = sum(p.numel() for p in add_lora(tr, args))
     print(f"rank {rank}/{world}: " * (world > 1) + f"LoRA: {lora / 1e6:.2f} M parameters "
           f"on {len(common.lora_layers(tr))} layers; pairs {len(data.pairs)}, videos {len(data.videos)}; "
           f"{args.iterations} steps, p {args.p}, p_drop {args.p_drop}; per step (micro-batch, passes) {batches}")
-    train(m, data, args, out, batches, rank, world)  # DDP keeps the ranks' weights equal: rank 0's are saved
+    train(m, data, args, out, batches, state, rank, world)  # DDP keeps the ranks' weights equal: rank 0's are saved
     result = None
     if rank == 0:
-        save_lora(tr, m, args, out / "lora.safetensors")
+        save_lora(tr, m, args, out)
         if args.mode == "toy":
             result = toy_eval(m, args, out)
     if world > 1:

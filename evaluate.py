@@ -8,6 +8,7 @@ ids or local folders given by flags (checked before anything loads; nothing is d
     python evaluate.py out/smrabooth/result --toy --json out/smrabooth/toy_metrics.json   # the toy world's metrics
     python evaluate.py --table results/*/full/seed*/metrics.json   # markdown table; seed folders are averaged
     python evaluate.py --paired results/dualreal/base results/dualreal/full   # seed by seed: is B ahead of A?
+    python evaluate.py --grad-cosine grad_cosine.png out/dual_task_sdv/ablations/p_0*/seed0/grad_log.jsonl
 
 Metrics, formulas as in the reference code (DreamBooth, VBench, diffusion-motion-transfer = DMT, PickScore):
 clip_t, clip_i, dino_i, temporal_consistency, subject_consistency (VBench), motion_fidelity (DMT), dynamic_degree
@@ -90,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--columns", help="comma list of the table's metrics (default: all in the files)")
     p.add_argument("--paired", nargs=2, metavar=("A", "B"), help="two --ablate result folders (seed0/, seed1/, ...): "
                    "per metric, B - A seed by seed, its mean and standard error, and whether B is ahead by > 2 SE")
+    p.add_argument("--grad-cosine", nargs="+", metavar=("PNG", "GRAD_LOG"), help="draw dual_task_sdv's gradient "
+                   "logs (grad_log.jsonl of --grad-every runs) as the paper's Fig. 5 into PNG")
     return p.parse_args(argv)
 
 
@@ -459,6 +462,27 @@ def markdown_table(rows, infos, columns):
     return "\n".join(lines)
 
 
+def plot_grad_cosine(logs, png):
+    """Fig. 5 of Kim et al. (supplement B.1): cos(g_img, g_vid) and both gradient norms over the training steps,
+    one line per grad_log.jsonl, labelled by its run folder (an --ablate variant and seed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3))
+    for path in logs:
+        rows, label = [json.loads(x) for x in Path(path).read_text().splitlines()], "/".join(Path(path).parts[-3:-1])
+        for a, k, style in ((ax[0], "cos", "-"), (ax[1], "norm_img", "-"), (ax[1], "norm_vid", "--")):
+            a.plot([r["step"] for r in rows], [r[k] for r in rows], style, label=f"{k} {label}")
+    ax[0].axhline(0, color="gray", lw=0.5)
+    ax[0].set(xlabel="step", ylabel="cos(g_img, g_vid)")
+    ax[1].set(xlabel="step", ylabel="gradient norm")
+    for a in ax:
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
 def paired(a, b):
     """{metric: dict(a=[...], b=[...], diff=, se=, ahead=, beats=)} over the seeds both folders hold. diff is the
     mean of (B - A) per seed, signed so that positive is better (leakage negated); se its standard error
@@ -566,6 +590,12 @@ def evaluate_video(args, m, todo, path, prompt, images, ref):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.grad_cosine:
+        png, *logs = args.grad_cosine
+        missing = [q for q in logs if not Path(q).is_file()] or ([] if logs else ["(none given)"])
+        if missing:
+            common.fail(f"--grad-cosine PNG GRAD_LOG...: no gradient log at {missing[0]} (dual_task_sdv --grad-every)")
+        return plot_grad_cosine(logs, png)
     if args.paired:
         seeds, res = paired(*args.paired)
         a, b = args.paired

@@ -111,13 +111,11 @@ def test_token_drop_fraction_count_once_per_batch_positions_per_sample():
     assert dts.token_keep(64, 2, 0.0, g) is None
 
 
-def test_task_sampler_hits_p_and_is_identical_for_the_same_seed():
-    a, b = dts.TaskSampler(7, 0.2), dts.TaskSampler(7, 0.2)
-    da, db = [a(s) for s in range(5000)], [b(s) for s in range(5000)]
-    assert da == db                                  # every rank seeds it the same: the same task each step
-    assert abs(sum(da) / len(da) - 0.2) < 0.02
-    two = dts.TaskSampler(0, 0.2, two_stage_at=10)
-    assert [two(s) for s in range(20)] == [False] * 10 + [True] * 10
+def test_task_draw_hits_p_and_is_identical_for_the_same_seed():
+    a, b = dts.video_steps(7, 0.2, 5000), dts.video_steps(7, 0.2, 5000)
+    assert torch.equal(a, b)                         # every rank seeds it the same: the same task each step
+    assert abs(float(a.float().mean()) - 0.2) < 0.02
+    assert dts.video_steps(0, 0.2, 20, two_stage=True).tolist() == [False] * 10 + [True] * 10
 
 
 def test_identity_step_is_a_one_frame_target_on_a_two_frame_grid(monkeypatch):
@@ -188,42 +186,74 @@ def test_unreadable_training_file_is_skipped_not_fatal_and_jitter_crops(tmp_path
 
 
 def test_toy_run_trains_saves_and_samples_and_sample_mode_reloads(tmp_path):
-    out = tmp_path / "run"
+    out, base = tmp_path / "run", tmp_path / "base"
     metrics = dts.main(FAST + ["--out", str(out), "--save-every", "2"])
     assert set(metrics) >= {"identity", "dynamics"} and (out / "metrics.json").is_file()
-    assert (out / "lora.safetensors").is_file() and (out / "ckpt.pt").is_file()
+    assert (out / dts.LORA_FILE).is_file() and (out / dts.CLS_FILE).is_file() and (out / "ckpt.pt").is_file()
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 4
     # the <cls> row moved (trained), other rows did not
     from safetensors.torch import load_file
-    sd = load_file(str(out / "lora.safetensors"))
+    row = load_file(str(out / dts.CLS_FILE))[dts.CLS]
     tok, enc = tw.tokenizer("t5"), tw.text_encoder("t5")
-    assert not torch.equal(sd["cls_embedding"], enc.get_input_embeddings().weight[dts.add_cls_token(tok, enc)])
-    # sample mode with a reference image file
+    assert not torch.equal(row, enc.get_input_embeddings().weight[dts.add_cls_token(tok, enc)])
+    # sample mode with a reference image file: the trained LoRA changes the video (against an untrained one)
+    dts.main(FAST + ["--out", str(base), "--iterations", "0"])
     ref = tw.render([dict(tw.SUBJECT, background="white")], frames=1)[0]
     common.write_frames(tmp_path / "ref", ref)
     img = sorted((tmp_path / "ref").iterdir())[0]
-    dts.main(["sample", "--model", "toy", "--ckpt", str(out), "--image", str(img), "--prompt",
-              "a <cls> moving left on a gray background", "--steps", "2", "--out", str(tmp_path / "s")])
-    assert (tmp_path / "s" / "result.mp4").is_file()
+    videos = []
+    for ckpt in (out, base):
+        dts.main(["sample", "--model", "toy", "--ckpt", str(ckpt), "--image", str(img), "--prompt",
+                  "a <cls> moving left on a gray background", "--steps", "2", "--out", str(tmp_path / ckpt.name)])
+        assert (tmp_path / ckpt.name / "result.mp4").is_file()
+        videos.append(torch.stack([common.read_image(q) for q in sorted((tmp_path / ckpt.name / "result").iterdir())]))
+    assert (videos[0] - videos[1]).abs().max() > 0.05
 
 
-def test_resume_continues_to_the_same_weights(tmp_path):
+def test_the_saved_lora_loads_in_a_cogvideox_pipeline_as_in_our_loader(tmp_path):
+    """pytorch_lora_weights.safetensors is the diffusers format: CogVideoXPipeline.load_lora_weights gives the same
+    transformer as the one that saved it, and as our sample mode's loader."""
+    from diffusers import CogVideoXPipeline
+    model, base = _model(acting=True)
+    ours = copy.deepcopy(base)
+    m = dict(transformer=model, cls=torch.nn.Parameter(torch.randn(32)))
+    dts.save_lora(model, m, argparse.Namespace(model="toy", iterations=1, p=0.2), tmp_path)
+    pipe = CogVideoXPipeline(tokenizer=tw.tokenizer("t5"), text_encoder=tw.text_encoder("t5"),
+                             vae=tw.load_vae_for("cogvideox"), transformer=base, scheduler=tw.noise_schedule("cogvideox"))
+    pipe.load_lora_weights(str(tmp_path))
+    mine = dict(transformer=ours, cls=torch.nn.Parameter(torch.zeros(32)))
+    dts.load_lora(mine, tmp_path, dts.read_cls(tmp_path, "toy"))
+    z, t, text, ref = _inputs()
+    with torch.no_grad():
+        want = dts.forward_with_reference(model, z, text, t, ref)
+        for tr in (pipe.transformer.eval(), ours):
+            assert torch.allclose(dts.forward_with_reference(tr, z, text, t, ref), want, atol=1e-5)
+    assert torch.equal(mine["cls"], m["cls"])
+    assert not torch.allclose(dts.forward_with_reference(_model()[1], z, text, t, ref), want, atol=1e-3)
+
+
+def test_resume_continues_to_the_same_weights_running_only_the_steps_left(tmp_path, monkeypatch):
     full, part = tmp_path / "full", tmp_path / "part"
     dts.main(FAST + ["--out", str(full), "--steps", "1"])
     dts.main(FAST + ["--out", str(part), "--steps", "1", "--iterations", "4", "--save-every", "2"])
-    # interrupt-like: a checkpoint at step 2 exists; resume from it
+    # interrupt-like: a checkpoint at step 2 exists; resume from it and count the steps it runs
+    seen, real = [], dts.DualTaskStep.forward
+    monkeypatch.setattr(dts.DualTaskStep, "forward", lambda self, *a: seen.append(1) or real(self, *a))
     dts.main(FAST + ["--out", str(part), "--steps", "1", "--resume"])
+    assert len(seen) == 2                                            # steps 3 and 4, one pass each
     from safetensors.torch import load_file
-    a, b = load_file(str(full / "lora.safetensors")), load_file(str(part / "lora.safetensors"))
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    for name in (dts.LORA_FILE, dts.CLS_FILE):
+        a, b = load_file(str(full / name)), load_file(str(part / name))
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_clear_errors():
-    with pytest.raises(SystemExit):
-        dts.main(["train", "--model", "toy", "--pairs", "nowhere", "--videos", "nowhere"])
-    with pytest.raises(SystemExit):
-        dts.main(["sample", "--model", "toy", "--ckpt", "nowhere", "--image", "x.png", "--prompt", "p"])
+def test_clear_errors(tmp_path):
+    for argv in (["train", "--model", "toy", "--pairs", "nowhere", "--videos", "nowhere"],
+                 ["sample", "--model", "toy", "--ckpt", "nowhere", "--image", "x.png", "--prompt", "a <cls>"]):
+        with pytest.raises(SystemExit) as e:
+            dts.main(argv + ["--out", str(tmp_path)])
+        assert e.value.code == 2
 
 
 def test_pcgrad_removes_exactly_the_conflicting_component():
@@ -295,7 +325,7 @@ def test_two_process_gloo_run_trains_through_ddp_and_keeps_the_ranks_equal(tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     ranks = [json.loads((out / f"rank{k}.json").read_text()) for k in range(2)]
     assert all(s["forward"] > 0 and s["no_sync"] > 0 and s["divergence"] == 0 for s in ranks), ranks
-    assert (out / "lora.safetensors").is_file() and (out / "metrics.json").is_file()
+    assert (out / dts.LORA_FILE).is_file() and (out / "metrics.json").is_file()
     assert [json.loads(x)["step"] for x in (out / "grad_log.jsonl").read_text().splitlines()] == [0, 2]
 
 
@@ -323,10 +353,10 @@ def test_train_mode_on_folders_with_the_toy_backbone(tmp_path, capsys):
     out = tmp_path / "run"
     dts.main(["train", "--model", "toy", "--pairs", str(pairs), "--videos", str(vids), "--iterations", "3",
               "--warmup", "0", "--p", "0.5", "--out", str(out), "--pair-batch", "2", "--video-batch", "2"])
-    assert (out / "lora.safetensors").is_file() and not (out / "metrics.json").exists()
+    assert (out / dts.LORA_FILE).is_file() and not (out / "metrics.json").exists()
 
 
-def test_ablate_runs_every_variant_and_plots_the_two_gradient_cosines(tmp_path, monkeypatch):
+def test_ablate_runs_every_variant_and_logs_the_gradient_cosines(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                                   # results/ and out/ land here, not in the repo
     assert {"p 0.2", "p 0 (image only)", "p 0.4"} <= set(dts.ABLATIONS) and dts.ABLATIONS["p 0.2"] == []
     rows = dts.main(FAST + ["--ablate", "--seeds", "1", "--grad-every", "2"])
@@ -336,7 +366,7 @@ def test_ablate_runs_every_variant_and_plots_the_two_gradient_cosines(tmp_path, 
     run = tmp_path / "out/dual_task_sdv/ablations" / common.slug("p 0 (image only)") / "seed0"
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["p"] == 0.0
-    assert (tmp_path / "results" / "dual_task_sdv" / "grad_cosine.png").stat().st_size > 1000
+    assert [json.loads(x)["step"] for x in (run / "grad_log.jsonl").read_text().splitlines()] == [0, 2]
 
 
 def test_each_rank_loads_its_models_on_its_own_gpu(tmp_path, monkeypatch):
@@ -374,7 +404,7 @@ def test_toy_run_with_bf16_frozen_weights_trains_the_cls_row_as_its_own_fp32_par
     # moves 41% of its entries here)
     tok, enc = tw.tokenizer("t5"), tw.text_encoder("t5")
     start = enc.get_input_embeddings().weight[dts.add_cls_token(tok, enc)].bfloat16().float()
-    moved = load_file(str(out / "lora.safetensors"))["cls_embedding"] != start
+    moved = load_file(str(out / dts.CLS_FILE))[dts.CLS] != start
     assert moved.float().mean() > 0.9
 
 

@@ -320,3 +320,17 @@ def test_paired_comparison_by_hand(tmp_path):
     assert leak["diff"] == pytest.approx(0.25 / 3) and leak["ahead"] == 3 and leak["beats"]
     with pytest.raises(SystemExit):   # one seed has no standard error
         ev.paired(tmp_path / "base", tmp_path / "nothing")
+
+
+def test_grad_cosine_draws_the_gradient_logs_of_two_runs(tmp_path, capsys):
+    logs = []
+    for name, cos in (("p_0", 0.8), ("p_0_2", 0.1)):
+        log = tmp_path / name / "seed0" / "grad_log.jsonl"
+        log.parent.mkdir(parents=True)
+        log.write_text("".join(json.dumps(dict(step=s, cos=cos, norm_img=1.0, norm_vid=2.0)) + "\n" for s in (0, 2)))
+        logs.append(str(log))
+    ev.main(["--grad-cosine", str(tmp_path / "fig5.png")] + logs)
+    assert (tmp_path / "fig5.png").stat().st_size > 1000
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--grad-cosine", str(tmp_path / "x.png"), str(tmp_path / "none.jsonl")])
+    assert e.value.code == 2 and "no gradient log" in capsys.readouterr().err
