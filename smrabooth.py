@@ -22,7 +22,7 @@ CITATION.bib): the method (SuRA, MoRA, sparse injection, losses, hyperparameters
 import argparse
 import functools
 import json
-import random
+import math
 import sys
 from pathlib import Path
 
@@ -110,6 +110,7 @@ def parse_args(argv=None):
     # run
     p.add_argument("--out", default="out/smrabooth")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else it is kept)")
     p.add_argument("--sample-only", action="store_true", help="sample with the LoRAs saved in --out")
     p.add_argument("--dry-run", action="store_true", help="check inputs, print the plan, load nothing")
     p.add_argument("--log-every", type=int, default=10)
@@ -134,8 +135,58 @@ TOY = dict(subject_size=32, motion_size=[32, 32], motion_frames=9, height=32, wi
 # data: checked before anything loads; a bad input ends with one line and exit code 2
 
 
+def check_args(args):
+    """Every flag in range before anything loads: floats finite; 0 training steps is the untrained base model
+    (--ablate's "base"), LoRA scales 0 switch a LoRA off; Wan's VAE needs 4k+1 frames and, with the 2x2 patches,
+    sizes that are multiples of 16 (8x VAE)."""
+    for name in [k for k, v in vars(args).items() if isinstance(v, float)]:
+        if not math.isfinite(getattr(args, name)):
+            common.fail(f"--{name.replace('_', '-')} must be a finite number (got {getattr(args, name)})")
+    common.check_numbers(args, at_least_one=["subject_rank", "motion_rank", "proj_hidden", "batch", "steps",
+                                             "num_samples", "max_text_len", "fps", "log_every", "save_every",
+                                             "seeds", "motion_stride"],
+                         at_least_zero=["subject_steps", "motion_steps", "motion_start", "ablation_seeds", "cfg",
+                                        "subject_early_scale", "subject_late_scale", "motion_scale"],
+                         positive=["lr", "sura_lambda", "mora_alpha", "shift"], unit=["t_point"])
+    for flag, n in (("--motion-frames", args.motion_frames), ("--frames", args.frames)):
+        if n % 4 != 1 or n < 5:
+            lower = max(5, n - (n - 1) % 4)
+            common.fail(f"{flag} {n}: Wan's VAE encodes 4k+1 frames; use {lower} or {lower + 4}")
+    if args.mora_window < 3:
+        common.fail(f"--mora-window {args.mora_window}: MoRA drops the first 5 decoded frames, so a window needs 3 "
+                    f"or more latents")
+    for flag, sizes in (("--subject-size", [args.subject_size]), ("--motion-size", args.motion_size),
+                        ("--height/--width", [args.height, args.width])):
+        if any(q % 16 or q < 16 for q in sizes):
+            common.fail(f"{flag} {' '.join(map(str, sizes))}: use multiples of 16 (Wan's 8x VAE and 2x2 patches)")
+    if args.motion_end is not None and args.motion_end <= args.motion_start:
+        common.fail(f"--motion-end {args.motion_end} must be after --motion-start {args.motion_start}")
+    for flag, text in (("--prompt", args.prompt), ("--class-word", args.class_word),
+                       ("--motion-caption", args.motion_caption)):
+        if text is not None and not text.strip():
+            common.fail(f"{flag} is empty: give the words, or leave the flag out for the default")
+    if args.placeholder.split() != [args.placeholder]:
+        common.fail(f"--placeholder {args.placeholder!r} must be one word, e.g. sks")
+    for flag, names in (("--subject-layers", args.subject_layers), ("--motion-layers", args.motion_layers)):
+        odd = [n for n in names if not n.endswith(tuple(LORA_TARGETS))]
+        if odd:
+            common.fail(f"{flag} {' '.join(map(repr, odd))}: each must end with a LoRA layer's name "
+                        f"({', '.join(LORA_TARGETS)})")
+
+
+def read_text(path, default):
+    """A words file (prompt.txt, a caption) or the default when there is none; an empty file is an error."""
+    if not path.is_file():
+        return default
+    text = path.read_text().strip()
+    if not text:
+        common.fail(f"{path} is empty: write the words in it, or delete it for the default")
+    return text
+
+
 def read_inputs(args):
     """Subject photos (N, 3, S, S), their masks (N, 1, S, S), reference clips (C, F, 3, H, W) and the prompts."""
+    check_args(args)
     if not args.subject or not args.motion:
         common.fail("--subject DIR and --motion VIDEO are needed (or --model toy, which brings its own)")
     folder = Path(args.subject)
@@ -145,12 +196,18 @@ def read_inputs(args):
     if not paths:
         common.fail(f"{folder} has no image ({', '.join(common.IMAGE_EXTS)})")
     size = (args.subject_size, args.subject_size)
-    images = torch.stack([common.read_image(p, size) for p in paths])
+    photos = [common.read_image(p) for p in paths]
+    images = torch.stack([common.resize_crop(x, size) for x in photos])
     if (folder / "masks").is_dir() and not args.no_mask:
         missing = [p.name for p in paths if not (folder / "masks" / p.name).is_file()]
         if missing:
             common.fail(f"no mask with the same name in {folder / 'masks'} for: {', '.join(missing)}")
-        masks = torch.stack([common.read_image(folder / "masks" / p.name, size)[:1] > 0 for p in paths]).float()
+        masks = [common.read_image(folder / "masks" / p.name) for p in paths]
+        for p, x, m in zip(paths, photos, masks):  # resized alike, a mask of another size would miss the subject
+            if m.shape != x.shape:
+                common.fail(f"mask {folder / 'masks' / p.name} is {m.shape[2]}x{m.shape[1]}, its photo "
+                            f"{x.shape[2]}x{x.shape[1]}: a mask must have its photo's size")
+        masks = torch.stack([common.resize_crop(m, size)[:1] > 0 for m in masks]).float()
     else:  # --no-mask (the ablation) or no masks given: the region loss covers the whole image
         if not args.no_mask:
             print(f"warning: no {folder / 'masks'}; the region loss uses the whole image (we ship no segmenter)")
@@ -164,10 +221,9 @@ def read_inputs(args):
         common.fail(f"{motion} holds neither frames nor video files")
     videos = torch.stack([common.read_video(c, args.motion_frames, tuple(args.motion_size), args.motion_start,
                                             args.motion_end, args.motion_stride) for c in clips])
-    class_word = args.class_word or ((folder / "prompt.txt").read_text().strip() if (folder / "prompt.txt").is_file()
-                                     else "object")
+    class_word = args.class_word or read_text(folder / "prompt.txt", "object")
     sidecar = motion.with_suffix(".txt") if motion.is_file() else motion / "caption.txt"
-    motion_caption = args.motion_caption or (sidecar.read_text().strip() if sidecar.is_file() else "moving")
+    motion_caption = args.motion_caption or read_text(sidecar, "moving")
     prompts = dict(subject=f"a picture of {args.placeholder} {class_word}", motion=motion_caption,
                    sample=args.prompt or f"a {args.placeholder} {class_word} {motion_caption}")
     if args.placeholder not in prompts["sample"].split():
@@ -176,16 +232,9 @@ def read_inputs(args):
 
 
 def check_motion_frames(args):
-    """Wan's causal VAE encodes 4k+1 frames (it would drop the rest), and MoRA's window of w latents decodes
-    1 + 4 (w - 1) frames and keeps the last 4 (w - 2) (supplement 2.2: 6 latents, 21 frames, 16 kept)."""
+    """MoRA's window of w latents decodes 1 + 4 (w - 1) frames of Wan's causal VAE and keeps the last 4 (w - 2)
+    (supplement 2.2: 6 latents, 21 frames, 16 kept): the reference clip must be that long."""
     n, w = args.motion_frames, args.mora_window
-    if n % 4 != 1:
-        common.fail(f"--motion-frames {n}: Wan's VAE encodes 4k+1 frames; use {n - (n - 1) % 4} or "
-                    f"{n - (n - 1) % 4 + 4}")
-    if args.no_mora:
-        return
-    if w < 3:
-        common.fail(f"--mora-window {w}: MoRA drops the first 5 decoded frames, so a window needs 3 or more latents")
     if n < 4 * (w - 1) + 1:
         common.fail(f"--motion-frames {n} is shorter than MoRA's window of {w} latents ({4 * (w - 1) + 1} frames, "
                     f"supplement 2.2): use a longer clip or a smaller --mora-window (3 or more)")
@@ -222,6 +271,17 @@ def load_models(args, device, dtype):
     for k in ("transformer", "vae", "text_encoder", "dino"):  # frozen; the VAE in fp32, the rest in `dtype`
         m[k] = m[k].to(device, torch.float32 if k == "vae" else dtype).eval().requires_grad_(False)
     return m
+
+
+def check_raft_weights(path):
+    """MoRA's flow network weights, opened before anything else loads: a torchvision raft_large state dict."""
+    from torchvision.models.optical_flow import raft_large
+    if not (path and Path(path).is_file()):
+        common.fail("MoRA needs torchvision RAFT weights: --raft-weights raft_large_*.pth (or --no-mora)")
+    try:
+        raft_large(weights=None).load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:
+        common.fail(f"--raft-weights {path} is not torchvision's raft_large state dict ({common.first_line(e)})")
 
 
 def load_raft(path, device):
@@ -491,29 +551,61 @@ def save_state(out, m, stage, step, opt=None, gen=None, extra=None):
     common.save_atomic(state, out / "ckpt.pt")
 
 
-def load_state(out, m, projector):
+def read_state(path, args):
+    """--resume's training state, opened and matched to the flags that shape it before any model loads."""
+    state = common.load_checkpoint(path)
+    if not (isinstance(state, dict) and {"stage", "step", "lora", "projector", "rng"} <= set(state)):
+        common.fail(f"{path} holds no SMRABooth training state: train again with --overwrite")
+    rank = {n: next((v.shape[0] for k, v in sd.items() if "lora_A" in k), None) for n, sd in state["lora"].items()}
+    held = dict(subject_rank=rank.get("subject"), motion_rank=rank.get("motion"),
+                proj_hidden=state["projector"]["net.0.weight"].shape[0] if state["projector"] else args.proj_hidden)
+    for name, value in held.items():
+        if value != getattr(args, name):
+            common.fail(f"{path} was trained with --{name.replace('_', '-')} {value}: resume with the same flags")
+    return state
+
+
+def load_state(state, m, projector):
     from peft.utils import set_peft_model_state_dict
-    state = common.load_checkpoint(out / "ckpt.pt")
     for name, sd in state["lora"].items():
         set_peft_model_state_dict(m["transformer"], sd, adapter_name=name)
     if state["projector"] is not None:
         projector.load_state_dict(state["projector"])
     common.set_rng_state(state["rng"])
-    return state
+
+
+def lora_file(out, name):
+    """Each LoRA in diffusers' format: pipe.load_lora_weights("OUT/subject_lora") loads it."""
+    return Path(out) / f"{name}_lora" / "pytorch_lora_weights.safetensors"
 
 
 def save_lora(m, name, out):
+    """Written beside and moved into place (common.save_atomic): a crash never leaves half a LoRA file."""
     from diffusers import WanPipeline
-    common.save_lora(WanPipeline, m["transformer"], name, out / f"{name}_lora")
+    from peft.utils import get_peft_model_state_dict
+    common.save_atomic(get_peft_model_state_dict(m["transformer"], adapter_name=name), lora_file(out, name),
+                       lambda sd, q: WanPipeline.save_lora_weights(str(Path(q).parent), transformer_lora_layers=sd,
+                                                                   weight_name=Path(q).name))
+
+
+def check_saved_loras(out):
+    """--sample-only: both LoRA files must open, before any model loads."""
+    from safetensors import safe_open
+    for name in ("subject", "motion"):
+        path = lora_file(out, name)
+        if not path.is_file():
+            common.fail(f"--sample-only: {path} does not exist; train first")
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as e:
+            common.fail(f"cannot read {path} ({common.first_line(e)}): train again with --overwrite")
 
 
 def load_saved_loras(m, out):
     for name in ("subject", "motion"):
-        folder = out / f"{name}_lora"
-        if not (folder / "pytorch_lora_weights.safetensors").is_file():
-            common.fail(f"--sample-only: no {folder}/pytorch_lora_weights.safetensors; train first")
-        m["transformer"].load_lora_adapter(str(folder), weight_name="pytorch_lora_weights.safetensors",
-                                           adapter_name=name)
+        m["transformer"].load_lora_adapter(str(lora_file(out, name).parent), adapter_name=name,
+                                           weight_name="pytorch_lora_weights.safetensors")
 
 
 # -----------------------------------------------------------------------------
@@ -556,27 +648,31 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.ablate:
+        check_args(args)  # the table's own --seeds too, before its runs
         return common.run_ablations(main, argv, ABLATIONS, args, "smrabooth", "")
     images, masks, videos, prompts = read_inputs(args)
     if args.model != "toy":
         common.check_pretrained(args.model, "--model")
         common.check_pretrained(args.dino, "--dino", "config.json")
-    if args.model != "toy" and not args.sample_only and not args.no_mora and not (
-            args.raft_weights and Path(args.raft_weights).is_file()):
-        common.fail("MoRA needs torchvision RAFT weights: --raft-weights raft_large_*.pth (or --no-mora)")
-    if args.model != "toy" and not args.sample_only:
-        check_motion_frames(args)
+        if not (args.sample_only or args.no_mora):  # only MoRA needs the flow network and a long enough clip
+            check_raft_weights(args.raft_weights)
+            check_motion_frames(args)
     out = Path(args.out)
-    if args.sample_only and not (out / "motion_lora").is_dir():
-        common.fail(f"--sample-only: {out} holds no trained LoRAs")
+    common.check_out(out, args.resume, args.sample_only, args.overwrite)
+    if args.sample_only:
+        check_saved_loras(out)
+    state = read_state(out / "ckpt.pt", args) if args.resume else dict(stage="subject", step=0)
     plan(args, prompts, images, videos)
     if args.dry_run:
         return None
     device, dtype = common.device_and_dtype(args.dtype)
     common.seed_everything(args.seed)
     m = load_models(args, device, dtype)
+    if args.overwrite and not (args.resume or args.sample_only):
+        common.clear_run(out, ["subject_lora", "motion_lora"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    if not args.sample_only:  # sampling alone keeps the training's config
+        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
 
     # prompts and latents once; then the text encoder is freed
     text = {k: common.encode_prompts(m["tokenizer"], m["text_encoder"], [p], args.max_text_len, True).to(device)
@@ -597,7 +693,8 @@ def main(argv=None):
         projector = Projector(transformer.config.num_attention_heads * transformer.config.attention_head_dim,
                               args.proj_hidden, dino.shape[-1]).to(device)
         ref_flow = None if args.no_mora else reference_flows(m["flow"], videos.to(device))
-        state = load_state(out, m, projector) if args.resume else dict(stage="subject", step=0)
+        if args.resume:
+            load_state(state, m, projector)
         if state["stage"] == "subject":
             train_stage("subject", m, img_lat, text["subject"], args, subject_params + list(projector.parameters()),
                         state, out, dict(masks=masks.to(device), dino=dino, projector=projector))

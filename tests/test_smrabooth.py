@@ -1,5 +1,8 @@
+import hashlib
 import json
+import shutil
 
+import imageio.v3 as iio
 import pytest
 import torch
 
@@ -251,8 +254,8 @@ def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
     assert (out / "result.mp4").read_bytes() == b"earlier" and len(list(out.iterdir())) == 1
 
 
-def test_dry_run_loads_nothing(capsys):
-    assert sm.main(["--model", "toy", "--dry-run"]) is None
+def test_dry_run_loads_nothing(tmp_path, capsys):
+    assert sm.main(["--model", "toy", "--dry-run", "--out", str(tmp_path)]) is None
     out = capsys.readouterr().out
     assert "a sks star moving in a zigzag" in out and "toy DINOv2 stand-in" in out
 
@@ -328,10 +331,10 @@ def test_no_mora_computes_no_reference_flow(tmp_path, monkeypatch):
     assert calls[0] == (8, 3, 32, 32) and len(calls) == 2  # the reference flows, then one MoRA step
 
 
-def test_motion_frames_that_the_window_cannot_use_end_with_one_line(tiny_wan, capsys):
+def test_motion_frames_that_the_window_cannot_use_end_with_one_line(tiny_wan, tmp_path, capsys):
     real = ["--model", str(tiny_wan / "wan"), "--dino", str(tw.ASSETS / "encoders" / "dinov2"), "--subject",
             str(tw.ASSETS / "toy" / "subject"), "--motion", str(tw.ASSETS / "toy" / "motion"), "--raft-weights",
-            str(tiny_wan / "raft.pth"), "--dry-run"]
+            str(tiny_wan / "raft.pth"), "--dry-run", "--out", str(tmp_path)]
     assert "encodes 4k+1 frames; use 5 or 9" in _bad(real + ["--motion-frames", "8"], capsys)
     assert "shorter than MoRA's window of 6 latents (21 frames" in _bad(real + ["--motion-frames", "9"], capsys)
     assert "3 or more latents" in _bad(real + ["--motion-frames", "9", "--mora-window", "2"], capsys)
@@ -365,3 +368,203 @@ def test_no_mask_ablation_ignores_the_shipped_masks():
     assert 0 < masks.mean() < 0.5  # the toy subject's masks cover the sprite only
     _, masks, _, _ = sm.read_inputs(sm.parse_args(["--model", "toy", "--no-mask"]))
     assert masks.min() == 1  # --no-mask: the region loss covers the whole image
+
+
+def _earlier_run(folder):
+    """--out holding an earlier run (its files are stand-ins, so --resume and --sample-only find them damaged) and
+    a checksum of every file in it, names included."""
+    for name in ("config.json", "ckpt.pt", "log.jsonl", "metrics.json", "result.mp4", "result/000.png",
+                 "subject_lora/pytorch_lora_weights.safetensors", "motion_lora/pytorch_lora_weights.safetensors"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(name.encode())
+    return lambda: hashlib.sha256(b"".join(str(q.relative_to(folder)).encode() + q.read_bytes()
+                                           for q in sorted(folder.rglob("*")) if q.is_file())).hexdigest()
+
+
+BAD_FLAGS = {  # flags -> the words the one-line error must hold
+    "subject steps -5": (["--subject-steps=-5"], "--subject-steps must be >= 0"),
+    "motion steps -1": (["--motion-steps=-1"], "--motion-steps must be >= 0"),
+    "steps 0": (["--steps", "0"], "--steps must be >= 1"),
+    "steps -1": (["--steps=-1"], "--steps must be >= 1"),
+    "num-samples 0": (["--num-samples", "0"], "--num-samples must be >= 1"),
+    "lr nan": (["--lr", "nan"], "--lr must be a finite number"),
+    "lr inf": (["--lr", "inf"], "--lr must be a finite number"),
+    "lr 0": (["--lr", "0"], "--lr must be a finite number > 0"),
+    "lr negative": (["--lr=-1e-3"], "--lr must be a finite number > 0"),
+    "subject rank 0": (["--subject-rank", "0"], "--subject-rank must be >= 1"),
+    "motion rank -2": (["--motion-rank=-2"], "--motion-rank must be >= 1"),
+    "projector width 0": (["--proj-hidden", "0"], "--proj-hidden must be >= 1"),
+    "batch 0": (["--batch", "0"], "--batch must be >= 1"),
+    "seed -1": (["--seed=-1"], "--seed must be between"),
+    "seed 2^32": (["--seed", str(2 ** 32)], "--seed must be between"),
+    "lambda 0": (["--sura-lambda", "0"], "--sura-lambda must be a finite number > 0"),
+    "alpha nan": (["--mora-alpha", "nan"], "--mora-alpha must be a finite number"),
+    "shift 0": (["--shift", "0"], "--shift must be a finite number > 0"),
+    "cfg -1": (["--cfg=-1"], "--cfg must be >= 0"),
+    "cfg inf": (["--cfg", "inf"], "--cfg must be a finite number"),
+    "T_point 1.5": (["--t-point", "1.5"], "--t-point must be between 0 and 1"),
+    "subject scale -1": (["--subject-early-scale=-1"], "--subject-early-scale must be >= 0"),
+    "motion scale inf": (["--motion-scale", "inf"], "--motion-scale must be a finite number"),
+    "MoRA window 2": (["--mora-window", "2"], "3 or more latents"),
+    "motion frames 8": (["--motion-frames", "8"], "--motion-frames 8: Wan's VAE encodes 4k+1 frames; use 5 or 9"),
+    "motion frames 1": (["--motion-frames", "1"], "--motion-frames 1: Wan's VAE encodes 4k+1 frames"),
+    "frames 10": (["--frames", "10"], "--frames 10: Wan's VAE encodes 4k+1 frames; use 9 or 13"),
+    "frames 0": (["--frames", "0"], "--frames 0: Wan's VAE encodes 4k+1 frames"),
+    "height 30": (["--height", "30"], "--height/--width 30 32: use multiples of 16"),
+    "subject size 0": (["--subject-size", "0"], "--subject-size 0: use multiples of 16"),
+    "motion size 32x40": (["--motion-size", "32", "40"], "--motion-size 32 40: use multiples of 16"),
+    "motion start -1": (["--motion-start=-1"], "--motion-start must be >= 0"),
+    "motion end before start": (["--motion-start", "4", "--motion-end", "2"], "must be after --motion-start"),
+    "motion stride 0": (["--motion-stride", "0"], "--motion-stride must be >= 1"),
+    "text length 0": (["--max-text-len", "0"], "--max-text-len must be >= 1"),
+    "fps 0": (["--fps", "0"], "--fps must be >= 1"),
+    "log every 0": (["--log-every", "0"], "--log-every must be >= 1"),
+    "save every 0": (["--save-every", "0"], "--save-every must be >= 1"),
+    "seeds 0": (["--seeds", "0"], "--seeds must be >= 1"),
+    "ablate with seeds 0": (["--ablate", "--seeds", "0"], "--seeds must be >= 1"),
+    "ablation seeds -1": (["--ablate", "--ablation-seeds=-1"], "--ablation-seeds must be >= 0"),
+    "empty prompt": (["--prompt", ""], "--prompt is empty"),
+    "blank class word": (["--class-word", "  "], "--class-word is empty"),
+    "empty motion caption": (["--motion-caption", ""], "--motion-caption is empty"),
+    "empty placeholder": (["--placeholder", ""], "--placeholder '' must be one word"),
+    "two-word placeholder": (["--placeholder", "s k"], "--placeholder 's k' must be one word"),
+    "prompt without placeholder": (["--prompt", "a star moving"], "does not contain the placeholder"),
+    "unknown subject layer": (["--subject-layers", "to_qq"], "--subject-layers 'to_qq': each must end with"),
+    "empty motion layer": (["--motion-layers", "to_v", ""], "--motion-layers '': each must end with"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FLAGS)
+def test_bad_flags_cost_nothing(case, tmp_path, capsys, monkeypatch):
+    """Each bad flag: exit code 2, one line naming it, no model loaded, the earlier run in --out unchanged (even with
+    --overwrite, which clears it only once the inputs have passed)."""
+    monkeypatch.setattr(sm, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    checksum = _earlier_run(tmp_path / "out")
+    before = checksum()
+    flags, words = BAD_FLAGS[case]
+    assert words in _bad(["--model", "toy", "--out", str(tmp_path / "out"), "--overwrite"] + flags, capsys)
+    assert checksum() == before
+
+
+SUBJ, MOT = tw.ASSETS / "toy" / "subject", tw.ASSETS / "toy" / "motion"
+
+
+def _png(height, width):
+    return iio.imwrite("<bytes>", common.to_uint8(torch.zeros(3, height, width)), extension=".png")
+
+
+def _copy(t, src, changes):
+    """A copy of a toy input folder under t with some files replaced ({name: bytes}) or deleted ({name: None})."""
+    dst = t / f"input{len(list(t.iterdir()))}"
+    shutil.copytree(src, dst)
+    for name, data in changes.items():
+        (dst / name).unlink() if data is None else (dst / name).write_bytes(data)
+    return str(dst)
+
+
+def _empty(t, name="empty"):
+    (t / name).mkdir(exist_ok=True)
+    return str(t / name)
+
+
+def _file(t, name, data):
+    (t / name).write_bytes(data)
+    return str(t / name)
+
+
+def _state(**changes):
+    """A toy run's training state as save_state writes it (LoRA ranks 32 and 64), with some entries changed."""
+    lora = {n: {"blocks.0.attn1.to_q.lora_A.weight": torch.zeros(r, 64), "blocks.0.attn1.to_q.lora_B.weight":
+                torch.zeros(64, r)} for n, r in (("subject", 32), ("motion", 64))}
+    return {**dict(stage="subject", step=2, opt=None, gen=None, rng=None, lora=lora,
+                   projector={"net.0.weight": torch.zeros(64, 64)}), **changes}
+
+
+def _saved(t, obj):
+    torch.save(obj, t / "saved.pt")
+    return str(t / "saved.pt")
+
+
+def _raft():
+    from torchvision.models.optical_flow import raft_large
+    return raft_large(weights=None).state_dict()
+
+
+def _ckpt(t, out, state):
+    """out/ckpt.pt replaced by `state` (before the checksum is taken)."""
+    torch.save(state, out / "ckpt.pt")
+    return ["--resume"]
+
+
+def _real(t, *flags, raft=None):
+    """A real-model run as far as the checks before loading can tell (a Wan folder, the bundled DINOv2)."""
+    (t / "wan").mkdir(exist_ok=True)
+    (t / "wan" / "model_index.json").write_text("{}")
+    return ["--model", str(t / "wan"), "--dino", str(tw.ASSETS / "encoders" / "dinov2"), "--subject", str(SUBJ),
+            "--motion", str(MOT), "--motion-frames", "9", "--mora-window", "3", "--subject-size", "32",
+            "--motion-size", "32", "32", "--height", "32", "--width", "32", "--frames", "9"] + (
+        ["--raft-weights", raft] if raft else []) + list(flags)
+
+
+BAD_FILES = {  # (tmp folder, --out) -> flags, and the words the one-line error must hold
+    "out holds a run": (lambda t, out: [], "holds an earlier run"),
+    "out is a file": (lambda t, out: ["--out", _file(t, "a_file", b"x")], "is a file, not a folder"),
+    "damaged checkpoint": (lambda t, out: ["--resume"], "cannot read the checkpoint"),
+    "another method's checkpoint": (lambda t, out: _ckpt(t, out, {"step": 3, "adapters": {}}),
+                                    "holds no SMRABooth training state"),
+    "checkpoint of another rank": (lambda t, out: _ckpt(t, out, _state()) + ["--motion-rank", "16"],
+                                   "was trained with --motion-rank 64"),
+    "checkpoint of another projector": (lambda t, out: _ckpt(t, out, _state(projector={
+        "net.0.weight": torch.zeros(16, 64)})), "was trained with --proj-hidden 16"),
+    "damaged LoRAs": (lambda t, out: ["--sample-only"], "subject_lora/pytorch_lora_weights.safetensors ("),
+    "no LoRAs": (lambda t, out: ["--sample-only", "--out", _empty(t)], "does not exist; train first"),
+    "no subject folder": (lambda t, out: ["--subject", str(t / "nope")], "is not a folder"),
+    "subject is a file": (lambda t, out: ["--subject", _file(t, "a.png", _png(32, 32))], "is not a folder"),
+    "no photos": (lambda t, out: ["--subject", _empty(t)], "has no image"),
+    "junk photo": (lambda t, out: ["--subject", _copy(t, SUBJ, {"0.png": b"not a png"})], "cannot read image"),
+    "truncated photo": (lambda t, out: ["--subject", _copy(t, SUBJ, {"1.png": (SUBJ / "1.png").read_bytes()[:60]})],
+                        "cannot read image"),
+    "mask of another size": (lambda t, out: ["--subject", _copy(t, SUBJ, {"masks/2.png": _png(16, 32)})],
+                             "is 32x16, its photo 32x32: a mask must have its photo's size"),
+    "missing mask": (lambda t, out: ["--subject", _copy(t, SUBJ, {"masks/3.png": None})],
+                     "no mask with the same name"),
+    "junk mask": (lambda t, out: ["--subject", _copy(t, SUBJ, {"masks/0.png": b"junk"})], "cannot read image"),
+    "empty prompt.txt": (lambda t, out: ["--subject", _copy(t, SUBJ, {"prompt.txt": b"\n"})], "prompt.txt is empty"),
+    "empty caption.txt": (lambda t, out: ["--motion", _copy(t, MOT, {"caption.txt": b" "})], "caption.txt is empty"),
+    "no motion": (lambda t, out: ["--motion", str(t / "no.mp4")], "does not exist"),
+    "empty motion folder": (lambda t, out: ["--motion", _empty(t)], "holds neither frames nor video files"),
+    "corrupt video": (lambda t, out: ["--motion", _file(t, "clip.mp4", b"\x00\x00\x00\x18ftypmp42" + b"junk" * 100)],
+                      "cannot read video"),
+    "short clip": (lambda t, out: ["--motion", _copy(t, MOT, {f"00{i}.png": None for i in range(5, 9)})],
+                   "has 5 frames, 9 are needed"),
+    "real model without inputs": (lambda t, out: ["--model", str(t / "wan")],
+                                  "--subject DIR and --motion VIDEO are needed"),
+    "model folder without model_index.json": (lambda t, out: _real(t, "--model", _empty(t)),
+                                              "holds no model_index.json"),
+    "model nowhere": (lambda t, out: _real(t, "--model", str(t / "no-model")),
+                      "neither a local folder nor in the hub cache"),
+    "dino nowhere": (lambda t, out: _real(t, "--dino", str(t / "no-dino")), "--dino '"),
+    "no RAFT weights": (lambda t, out: _real(t), "MoRA needs torchvision RAFT weights"),
+    "damaged RAFT weights": (lambda t, out: _real(t, raft=_file(t, "raft.pth", b"junk")),
+                             "is not torchvision's raft_large state dict"),
+    "other RAFT weights": (lambda t, out: _real(t, raft=_saved(t, {"w": torch.zeros(2)})),
+                           "is not torchvision's raft_large state dict"),
+    "clip shorter than MoRA's window": (lambda t, out: _real(t, "--mora-window", "4", raft=_saved(t, _raft())),
+                                        "--motion-frames 9 is shorter than MoRA's window of 4 latents"),
+    "ablate a real model": (lambda t, out: _real(t, "--ablate"), "use it with --model toy"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_files_cost_nothing(case, tmp_path, capsys, monkeypatch):
+    """Each bad path or file: exit code 2, one short line naming it, before any model loads, and the earlier run in
+    --out as it was."""
+    monkeypatch.setattr(sm, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    checksum = _earlier_run(out)
+    flags, words = BAD_FILES[case]
+    argv = ["--model", "toy", "--out", str(out)] + flags(tmp_path, out)
+    before = checksum()
+    err = _bad(argv, capsys)
+    assert words in err and len(err) < 400, err
+    assert checksum() == before
