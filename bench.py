@@ -1,4 +1,4 @@
-"""bench.py: speed and memory of the three methods at their papers' sizes (spec: shared/specs/performance.md).
+"""bench.py: speed and memory of the four methods at their papers' sizes (spec: shared/specs/performance.md).
 
 Each backbone is built at its REAL size from its config, with random weights, directly on the GPU (speed and
 memory do not depend on the weights' values, and nothing is downloaded). The method's adapters are attached by the
@@ -24,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+import unittest.mock
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import common
+import dual_task_sdv
 import dualreal
 import jointtuner
 import smrabooth
@@ -42,7 +44,7 @@ import toyworld
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="smrabooth,jointtuner,dualreal", help="comma-separated")
+    p.add_argument("--methods", default="smrabooth,jointtuner,dualreal,dual_task_sdv", help="comma-separated")
     p.add_argument("--tiny", action="store_true", help="toy backbones and sizes on the CPU, fp32, CPU timers")
     p.add_argument("--iters", type=int, default=10, help="timed training steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps first (kernels, allocator)")
@@ -78,6 +80,10 @@ SETTINGS = {
                   ("motion+MoRA 49x320x576", (1, 16, 13, 40, 72), (1, 8, 9, 8, 8))],
     "jointtuner": [("AiT 16x384x384", (1, 4, 16, 48, 48), (1, 8, 9, 8, 8))],
     "dualreal": [("v-loss 49x480x720", (1, 13, 16, 60, 90), (1, 9, 8, 8, 8))],
+    # the dual-task trainer encodes pixels in its step: clips (B, F, 3, H, W), subject-image pairs (B, 3, H, W); per
+    # pass and GPU its default micro-batches (--video-micro 1, --pair-micro 8; the toy preset's 2 and 4)
+    "dual_task_sdv": [("I2V video 49x480x720", (1, 49, 3, 480, 720), (2, 9, 3, 32, 32)),
+                      ("identity 8 pairs 480x720", (8, 3, 480, 720), (4, 3, 32, 32))],
 }
 
 
@@ -454,7 +460,7 @@ def dualreal_steps(tiny, device, dtype):
     transformer = build("cogvideox", tiny, device, dtype)
     cond_dim = 32 if tiny else 1024  # CLIP ViT-H/14's image embedding
     with torch.device(device):
-        dr = dualreal.add_dualreal(transformer, margs.adapter_dim, margs.groups, margs.blend_scale,
+        dr = dualreal.add_dualreal(transformer, margs.rank, margs.groups, margs.blend_scale,
                                    not margs.no_controller, cond_dim, margs.controller_dim)
     dr.c = torch.randn(1, cond_dim, device=device)  # a motion step: the clip's condition c is on
     scheduler = toyworld.noise_schedule("cogvideox")  # CogVideoX's v-prediction DDIM config
@@ -463,6 +469,62 @@ def dualreal_steps(tiny, device, dtype):
     z0 = torch.randn(tiny_shape if tiny else real, device=device)
     loss_fn = lambda: dualreal.v_loss(transformer, z0, text, scheduler.alphas_cumprod, gen)
     yield setting, transformer, loss_fn, list(dr.parameters()), [dr]
+
+
+def t5_encoder(tiny, device):
+    """T5-XXL v1.1's encoder (CogVideoX's text encoder, 4.8 B) from its config, random weights, built on `device`
+    (moving a loaded T5 to meta would untie its tied input embeddings); the toy world's T5 config with --tiny. A
+    token's id only picks a row, so the toy tokenizer serves both (padded to --max-text-len)."""
+    from transformers import T5Config, T5EncoderModel
+    config = T5Config.from_pretrained(toyworld.ASSETS / "text_encoders" / "t5") if tiny else T5Config(
+        d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+        feed_forward_proj="gated-gelu")
+    with torch.device(device):
+        return T5EncoderModel(config)
+
+
+def call_block(block, *args):
+    return block(*args)
+
+
+def dual_task_loss(step, kind, batch, gen):
+    """DualTaskStep's loss with each block run as block(...): dual_task_sdv runs a block as a function of its
+    modules (block_forward), which module hooks (--estimate's per-block count) would not see as one call."""
+    with unittest.mock.patch.object(dual_task_sdv, "block_forward", call_block):
+        return step(kind, batch, gen)
+
+
+def dual_task_sdv_steps(tiny, device, dtype):
+    """The dual-task trainer on CogVideoX-5B with its LoRA and the trainable <cls> row of T5's input embeddings, so
+    that the loss runs back through T5: one micro-batch of each task, an I2V video step (reference tokens of a random
+    frame, TokenDrop) and an identity step (pairs as one-frame videos). The step VAE-encodes its pixels (no grad),
+    as the method does: VAE and T5 weights are in the step."""
+    margs = dual_task_sdv.parse_args(["--model", "toy"] if tiny else [])  # the paper's LoRA; the toy world's sizes
+    transformer = build("cogvideox", tiny, device, dtype)
+    with torch.device(device):
+        dual_task_sdv.add_lora(transformer, margs)
+    for block in transformer.transformer_blocks:  # block(...) now runs dual_task_sdv.block_forward (dual_task_loss)
+        block.forward = functools.partial(dual_task_sdv.block_forward, block)
+    if tiny:
+        vae = toyworld.load_vae().to(device)  # the latents of the toy configs (toyworld.FAMILIES)
+    else:
+        from diffusers import AutoencoderKLCogVideoX
+        with torch.device(device):
+            vae = AutoencoderKLCogVideoX(scaling_factor=0.7)
+    encoder, tokenizer = t5_encoder(tiny, device), toyworld.tokenizer("t5")
+    vae, encoder = (m.to(dtype).eval().requires_grad_(False) for m in (vae, encoder))  # as load_models
+    cid = dual_task_sdv.add_cls_token(tokenizer, encoder)
+    cls = torch.nn.Parameter(encoder.get_input_embeddings().weight[cid].detach().float().clone(), requires_grad=False)
+    m = dict(transformer=transformer, vae=vae, tokenizer=tokenizer, text_encoder=encoder, cls=cls,
+             scheduler=toyworld.noise_schedule("cogvideox"))
+    params = dual_task_sdv.trainable(m, margs)  # the LoRA and the <cls> row
+    step = dual_task_sdv.DualTaskStep(m, margs).train()  # as train(): LoRA dropout on
+    frozen, gen = [vae, encoder, torch.nn.ParameterList([cls])], torch.Generator().manual_seed(0)
+    for setting, real, tiny_shape in SETTINGS["dual_task_sdv"]:
+        pixels = torch.rand(tiny_shape if tiny else real, device=device) * 2 - 1
+        prompts = ["a <cls> toy car driving on a road"] * len(pixels)
+        batch = ("video", (pixels, prompts)) if "video" in setting else ("image", (pixels, pixels, prompts))
+        yield setting, transformer, lambda: dual_task_loss(step, *batch, gen), params, frozen
 
 
 # -----------------------------------------------------------------------------
@@ -539,8 +601,29 @@ def bench_dualreal(args, device, dtype):
     return rows_of("dualreal", setting, training, sampling)
 
 
-BENCHES = {"smrabooth": bench_smrabooth, "jointtuner": bench_jointtuner, "dualreal": bench_dualreal}
-STEPS = {"smrabooth": smrabooth_steps, "jointtuner": jointtuner_steps, "dualreal": dualreal_steps}
+def bench_dual_task_sdv(args, device, dtype):
+    rows = []
+    for setting, transformer, loss_fn, params, _ in dual_task_sdv_steps(args.tiny, device, dtype):
+        rows.append((setting, measure_training(transformer, loss_fn, params, args, device)))
+    # sampling a 49x480x720 video from one reference latent; diffusers has no pipeline with reference tokens
+    margs = dual_task_sdv.parse_args([])
+    text, uncond = (text_embeds("cogvideox", args.tiny, device, dtype) for _ in range(2))
+    noise = torch.randn(SETTINGS["dualreal"][0][2 if args.tiny else 1], device=device)
+    ref = torch.randn_like(noise[:, :1])
+    with torch.no_grad():
+        sample_s = timed(lambda: dual_task_sdv.sample(transformer, toyworld.noise_schedule("cogvideox"), text, uncond,
+                                                      ref, noise, args.sample_steps, margs.cfg), 1, 0, device)
+    sampling = dict(sample_step_s=sample_s / args.sample_steps, sample_s=sample_s, pipeline_s=None,
+                    pipeline_ratio=None)
+    del transformer
+    free()
+    return [r for setting, training in rows for r in rows_of("dual_task_sdv", setting, training, sampling)]
+
+
+BENCHES = {"smrabooth": bench_smrabooth, "jointtuner": bench_jointtuner, "dualreal": bench_dualreal,
+           "dual_task_sdv": bench_dual_task_sdv}
+STEPS = {"smrabooth": smrabooth_steps, "jointtuner": jointtuner_steps, "dualreal": dualreal_steps,
+         "dual_task_sdv": dual_task_sdv_steps}
 
 
 # -----------------------------------------------------------------------------
@@ -609,10 +692,11 @@ def main_estimate(args, methods):
         print(f"{method}: tracing one training step on the meta device ...", file=sys.stderr)
         rows += estimate(method, args.tiny)
     date = datetime.date.today().isoformat()
-    print(estimate_table(rows, f"ESTIMATE of one training step's memory ({'toy sizes' if args.tiny else 'real sizes'}"
-                               f", bs 1, bf16 frozen weights, fp32 trainable ones; traced on the meta device, {date}, "
-                               f"torch {torch.__version__}): bytes of tensors only, no allocator overhead or "
-                               f"fragmentation, no CUDA workspace; GB = 2^30 bytes"))
+    sizes = "toy sizes" if args.tiny else "real sizes"
+    print(estimate_table(rows, f"ESTIMATE of one training step's memory ({sizes}, 1 clip unless the setting says; "
+                               f"bf16 frozen weights, fp32 trainable ones; traced on the meta device, {date}, torch "
+                               f"{torch.__version__}): bytes of tensors only, no allocator overhead or fragmentation, "
+                               f"no CUDA workspace; GB = 2^30 bytes"))
     write_json(args.json, dict(estimate=True, date=date, torch=torch.__version__, rows=rows))
     return rows
 

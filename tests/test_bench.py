@@ -21,16 +21,21 @@ def test_tiny_runs_every_method(tmp_path):
     rows = bench.main(["--tiny", "--json", str(tmp_path / "bench.json")])
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["rows"] == rows and saved["gpu"] and saved["date"]
-    assert {r["method"] for r in rows} == {"smrabooth", "jointtuner", "dualreal"}
+    assert {r["method"] for r in rows} == {"smrabooth", "jointtuner", "dualreal", "dual_task_sdv"}
     for r in rows:
         assert set(r) == FIELDS
         assert r["peak_mem"] in (None, "n/a")  # no CUDA memory on the CPU
-        assert all(positive(r[k]) for k in ("sample_step_s", "sample_s", "pipeline_s", "pipeline_ratio"))
+        assert positive(r["sample_step_s"]) and positive(r["sample_s"])
+        if r["method"] == "dual_task_sdv":  # no diffusers pipeline takes reference tokens
+            assert r["pipeline_s"] is None and r["pipeline_ratio"] is None
+        else:
+            assert positive(r["pipeline_s"]) and positive(r["pipeline_ratio"])
         if r["step_s"] == "n/a":  # diffusers' UNet3D has no gradient checkpointing
             assert r["method"] == "jointtuner" and r["grad_ckpt"]
         else:
             assert positive(r["step_s"]) and positive(r["tflops"])
-    assert sum(r["step_s"] != "n/a" for r in rows) == 7  # 2 SMRABooth settings x 2, JointTuner 1, DualReal 2
+    assert sum(r["step_s"] != "n/a" for r in rows) == 11  # 2 SMRABooth settings x 2, JointTuner 1, DualReal 2,
+    # dual-task 2 x 2
 
 
 def test_methods_flag_selects(tmp_path):
@@ -86,12 +91,11 @@ def layer_norm_shortfall(model):
     return short, handles
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("method", ["smrabooth", "jointtuner", "dualreal"])
+@pytest.mark.parametrize("method, dtype", [(m, torch.bfloat16) for m in bench.STEPS] + [("dualreal", torch.float32)])
 def test_estimate_on_meta_equals_a_real_cpu_step(method, dtype):
-    """Each tiny training step traced on meta and run on the CPU: the same saved bytes (with fp32 frozen weights
-    exactly; with bf16 ones up to the CPU's bf16 LayerNorm statistics), and weights, grads and AdamW state are the
-    real tiny model's numel x element size."""
+    """Each tiny training step traced on meta and run on the CPU: the same saved bytes (with bf16 frozen weights up
+    to the CPU's bf16 LayerNorm statistics, with fp32 ones exactly), and weights, grads and AdamW state are the real
+    tiny model's numel x element size."""
     steps = (bench.STEPS[method](True, device, dtype) for device in ("meta", "cpu"))
     for (setting, *meta_step), (_, model, loss_fn, params, frozen) in zip(*steps):  # one step at a time
         meta = bench.estimate_step(*meta_step)
@@ -110,16 +114,18 @@ def test_estimate_on_meta_equals_a_real_cpu_step(method, dtype):
         assert 0 < real["saved_ckpt"] < real["saved"]
 
 
-@pytest.mark.parametrize("method", ["smrabooth", "jointtuner", "dualreal"])
+@pytest.mark.parametrize("method", list(bench.STEPS))
 def test_checkpointed_run_keeps_what_the_model_says(method):
     """The checkpointing model's first two terms, on a real run: with the blocks checkpointed (as each method does
     it), the forward pass keeps exactly what the plain step saves outside the blocks plus the blocks' inputs (the
     checkpoint saves the inputs through the same hooks; nested ones, like Wan's rotary tables, it keeps in Python)."""
-    setting, model, loss_fn, params, frozen = next(bench.STEPS[method](True, "cpu", torch.float32))
-    weights, blocks = bench.weights_of([model, *frozen]), bench.blocks_of(model)
-    _, plain = bench.count_saved(loss_fn, weights, blocks)
-    jointtuner.checkpoint_blocks(model) if method == "jointtuner" else model.enable_gradient_checkpointing()
-    _, checkpointed = bench.count_saved(loss_fn, weights, blocks)
+    runs = []
+    for checkpointing in (False, True):  # two builds: the same random draws (the dual-task's kept token count)
+        setting, model, loss_fn, params, frozen = next(bench.STEPS[method](True, "cpu", torch.float32))
+        if checkpointing:
+            jointtuner.checkpoint_blocks(model) if method == "jointtuner" else model.enable_gradient_checkpointing()
+        runs.append(bench.count_saved(loss_fn, bench.weights_of([model, *frozen]), bench.blocks_of(model))[1])
+    plain, checkpointed = runs
     kept = checkpointed.nbytes(set(checkpointed.where) | checkpointed.inputs)
     assert kept == plain.nbytes(plain.outside() | plain.inputs) < plain.total()
 
