@@ -108,6 +108,7 @@ def parse_args(argv=None):
     # run
     p.add_argument("--out", default="out/dual_task_sdv")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else it is kept)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--toy-pairs", type=int, default=256, help="toy world: subject-image pairs made in memory")
@@ -129,6 +130,31 @@ def parse_args(argv=None):
 TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, steps=20, cfg=4.0, sampler="ddim", rank=16,
            lora_alpha=8, lora_dropout=0.0, iterations=2000, lr=1e-3, warmup=20, pair_batch=4, video_batch=2,
            pair_micro=4, video_micro=2, save_every=200, log_every=50)
+
+
+def check_args(args):
+    """Every numeric flag in range and every text non-empty, before anything loads. --iterations 0 is the untrained
+    base model; CogVideoX's VAE needs 4k+1 frames and sizes that are multiples of 16 (8x VAE, 2x2 patches)."""
+    common.check_numbers(args, at_least_one=["rank", "max_text_len", "pair_batch", "video_batch", "pair_micro",
+                                             "video_micro", "steps", "fps", "log_every", "save_every", "toy_pairs",
+                                             "toy_videos", "seeds", "lr_cycles"],
+                         at_least_zero=["iterations", "warmup", "grad_every", "weight_decay", "cfg", "crop_jitter",
+                                        "ablation_seeds"],
+                         positive=["lr", "lora_alpha", "grad_clip"], unit=["p", "p_drop", "lora_dropout", "max_bad"])
+    if (args.frames - 1) % 4 or args.frames < 1:
+        common.fail(f"--frames {args.frames}: CogVideoX needs 4k+1 frames (49, 9...)")
+    if args.height % 16 or args.width % 16 or min(args.height, args.width) < 16:
+        common.fail(f"--height {args.height} --width {args.width}: use multiples of 16")
+    if args.prompt is not None and not args.prompt.strip():
+        common.fail("--prompt is empty: write the prompt, with <cls> before the subject noun")
+    if args.mode == "sample":
+        if not args.ckpt or not args.image or not args.prompt:
+            common.fail("sample: --ckpt RUN (a training's --out), --image REF and --prompt are needed")
+        if CLS not in args.prompt:  # sec. 3: <cls> stands before the subject noun, as in every training prompt
+            common.fail(f"--prompt {args.prompt!r} has no {CLS}: write it before the subject noun "
+                        f"('a {CLS} toy car driving on a beach')")
+    if args.mode == "train" and (not args.pairs or not args.videos):
+        common.fail("train: --pairs DIR and --videos DIR are needed (or --model toy)")
 
 
 # -----------------------------------------------------------------------------
@@ -788,8 +814,6 @@ def train(m, data, args, out, batches, state, rank=0, world=1):
     pools = {kind: pool[rank::world] if len(pool) > rank else pool for kind, pool in pools.items()}
     draw = lambda pool, b, g: pool[torch.randint(len(pool), (b,), generator=g)]
     log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
-    if probe is not None and rank == 0 and not args.resume:  # a new run's probe log starts afresh, as log.jsonl does
-        (out / "grad_log.jsonl").unlink(missing_ok=True)
     model.train()
     bar = tqdm(range(state.get("step", 0), args.iterations), desc="dual-task", disable=None if rank == 0 else True)
     for step in bar:
@@ -834,13 +858,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.ablate:
         return common.run_ablations(main, argv, ABLATIONS, args, "dual_task_sdv", "")
-    if args.mode == "sample" and (not args.ckpt or not args.image or not args.prompt):
-        common.fail("sample: --ckpt RUN (a training's --out), --image REF and --prompt are needed")
-    if args.mode == "train" and (not args.pairs or not args.videos):
-        common.fail("train: --pairs DIR and --videos DIR are needed (or --model toy)")
+    # every input is checked before any model loads: a bad one ends with one line, exit code 2, --out untouched
+    check_args(args)
     if args.model != "toy":
         common.check_pretrained(args.model, "--model")
     out = Path(args.out)
+    common.check_out(out, args.resume, args.mode == "sample", args.overwrite)  # sampling writes only result files
     data, state, batches = None, {}, None
     if args.mode == "sample":
         row = read_cls(args.ckpt, args.model)
@@ -853,6 +876,9 @@ def main(argv=None):
     if data is not None:
         batches = dict(image=micro_batches(args.pair_batch, args.pair_micro, world, "pair"),
                        video=micro_batches(args.video_batch, args.video_micro, world, "video"))
+        if args.grad_every:  # B.1's validation split must leave records to train on
+            validation_split(len(data.pairs), batches["image"][0] * world, args.seed)
+            validation_split(len(data.videos), batches["video"][0] * world, args.seed)
     common.seed_everything(args.seed)
     m = load_models(args, device, dtype)
     tr = m["transformer"]
@@ -866,6 +892,8 @@ def main(argv=None):
         print(f"wrote {out / 'result.mp4'} ({args.prompt!r})")
         return None
     if rank == 0:
+        if args.overwrite and not args.resume:  # the earlier run goes only now, after the models loaded
+            common.clear_run(out, [LORA_FILE, CLS_FILE, "grad_log.jsonl"])
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     lora = sum(p.numel() for p in add_lora(tr, args))

@@ -278,7 +278,7 @@ def test_grad_monitoring_and_pcgrad_run(tmp_path):
     dts.main(FAST + ["--out", str(out), "--grad-every", "2", "--pcgrad", "4", "--p", "0.5"])
     rows = [json.loads(x) for x in (out / "grad_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2] and all(-1 <= r["cos"] <= 1 and r["norm_img"] > 0 for r in rows)
-    dts.main(FAST + ["--out", str(out), "--grad-every", "2", "--p", "0.5"])   # a new run in the same --out
+    dts.main(FAST + ["--out", str(out), "--grad-every", "2", "--p", "0.5", "--overwrite"])  # a new run, same --out
     assert [json.loads(x)["step"] for x in (out / "grad_log.jsonl").read_text().splitlines()] == [0, 2]
 
 
@@ -483,3 +483,107 @@ def test_a_pair_prompt_without_cls_stops_before_any_model_loads(tmp_path, monkey
 
 def test_the_docstring_cites_the_paper_not_a_path_outside_the_repo():
     assert "../shared" not in dts.__doc__ and "Disentangled Identity and Motion" in dts.__doc__
+
+
+def _bad_world(tmp):
+    """Good inputs, bad ones to swap in, and an earlier run in tmp/out -> ({name: path}, checksum of tmp/out)."""
+    import hashlib
+    from PIL import Image
+    from safetensors.torch import save_file
+    Image.new("RGB", (16, 16)).save(tmp / "ref.png")
+    (tmp / "bad.png").write_bytes(b"not a png")
+    (tmp / "a_file").write_text("x")
+    for name, rec in (("pairs", dict(ref="a.png", prompt="a <cls> cat")), ("nocls", dict(ref="a.png", prompt="a cat")),
+                      ("gone", dict(ref="gone.png", prompt="a <cls> cat"))):
+        (tmp / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp / name / "a.png")
+        (tmp / name / "pairs.jsonl").write_text(json.dumps(dict(rec, target="a.png")) + "\n")
+    for name, captions in (("videos", ["a dog"]), ("uncaptioned", ["a dog", ""])):
+        for i, caption in enumerate(captions):
+            common.write_video(tmp / name / f"{i}.gif", torch.zeros(9, 3, 8, 8), 4)
+            (tmp / name / f"{i}.txt").write_text(caption)
+    for name, model in (("ckpt", "toy"), ("other", "THUDM/CogVideoX-2b"), ("damaged", "toy")):
+        (tmp / name).mkdir()
+        save_file({dts.CLS: torch.zeros(32)}, str(tmp / name / dts.CLS_FILE), metadata=dict(model=model))
+        save_file({"x": torch.zeros(1)}, str(tmp / name / dts.LORA_FILE))
+    (tmp / "damaged" / dts.LORA_FILE).write_bytes(b"\x00" * 40)
+    (tmp / "empty").mkdir()
+    out = tmp / "out"
+    out.mkdir()
+    for name in ("config.json", dts.LORA_FILE, dts.CLS_FILE, "ckpt.pt", "result.mp4", "metrics.json", "log.jsonl"):
+        (out / name).write_bytes(name.encode())
+    checksum = lambda: hashlib.sha256(b"".join(q.name.encode() + q.read_bytes() for q in sorted(out.rglob("*"))
+                                               if q.is_file())).hexdigest()
+    return {q.stem: str(q) for q in tmp.iterdir()}, checksum
+
+
+TOY = ["--model", "toy", "--out", "{out}", "--overwrite"]
+TRAIN = ["train", "--model", "toy", "--pairs", "{pairs}", "--videos", "{videos}", "--out", "{out}", "--overwrite"]
+SAMPLE = ["sample", "--model", "toy", "--ckpt", "{ckpt}", "--image", "{ref}", "--prompt", "a <cls> dog",
+          "--out", "{out}"]
+BAD = {  # argv -> the words of the one-line error
+    "iterations -5": (TOY + ["--iterations", "-5"], "--iterations must be >= 0"),
+    "steps 0": (TOY + ["--steps", "0"], "--steps must be >= 1"),
+    "steps -1 (sample)": (SAMPLE + ["--steps", "-1"], "--steps must be >= 1"),
+    "lr nan": (TOY + ["--lr", "nan"], "--lr must be a finite number > 0"),
+    "lr 0": (TOY + ["--lr", "0"], "--lr must be a finite number > 0"),
+    "lr negative": (TOY + ["--lr=-1e-3"], "--lr must be a finite number > 0"),
+    "rank 0": (TOY + ["--rank", "0"], "--rank must be >= 1"),
+    "lora alpha 0": (TOY + ["--lora-alpha", "0"], "--lora-alpha must be a finite number > 0"),
+    "lora dropout 2": (TOY + ["--lora-dropout", "2"], "--lora-dropout must be between 0 and 1"),
+    "seed -1": (TOY + ["--seed", "-1"], "--seed must be between"),
+    "p 1.5": (TOY + ["--p", "1.5"], "--p must be between 0 and 1"),
+    "p-drop -0.1": (TOY + ["--p-drop=-0.1"], "--p-drop must be between 0 and 1"),
+    "max-bad 2": (TRAIN + ["--max-bad", "2"], "--max-bad must be between 0 and 1"),
+    "pair batch 0": (TOY + ["--pair-batch", "0"], "--pair-batch must be >= 1"),
+    "video micro 0": (TOY + ["--video-micro", "0"], "--video-micro must be >= 1"),
+    "pair batch not a multiple": (TOY + ["--pair-batch", "3", "--pair-micro", "2"], "is not a multiple of 2"),
+    "grad clip inf": (TOY + ["--grad-clip", "inf"], "--grad-clip must be a finite number > 0"),
+    "cfg -1": (TOY + ["--cfg", "-1"], "--cfg must be >= 0"),
+    "warmup -1": (TOY + ["--warmup", "-1"], "--warmup must be >= 0"),
+    "grad every -1": (TOY + ["--grad-every", "-1"], "--grad-every must be >= 0"),
+    "save every 0": (TOY + ["--save-every", "0"], "--save-every must be >= 1"),
+    "fps 0": (SAMPLE + ["--fps", "0"], "--fps must be >= 1"),
+    "toy pairs 0": (TOY + ["--toy-pairs", "0"], "--toy-pairs must be >= 1"),
+    "frames 10": (TOY + ["--frames", "10"], "4k+1 frames"),
+    "height 30": (SAMPLE + ["--height", "30"], "multiples of 16"),
+    "no pairs left for the probe": (TOY + ["--toy-pairs", "4", "--grad-every", "2"], "leave none to train on"),
+    "--out holds a run": (["--model", "toy", "--out", "{out}"], "holds an earlier run"),
+    "--out is a file": (TOY[:2] + ["--out", "{a_file}"], "is a file, not a folder"),
+    "damaged ckpt.pt": (TOY[:-1] + ["--resume"], "cannot read the checkpoint"),
+    "--model empty folder": (TRAIN + ["--model", "{empty}"], "holds no model_index.json"),
+    "--model unknown": (TRAIN + ["--model", "{empty}/none"], "neither a local folder nor in the hub cache"),
+    "train without --videos": (TRAIN[:5] + ["--out", "{out}"], "--pairs DIR and --videos DIR are needed"),
+    "no pairs.jsonl": (TRAIN + ["--pairs", "{empty}"], "has no pairs.jsonl"),
+    "pair file missing": (TRAIN + ["--pairs", "{gone}"], "records are bad"),
+    "pair prompt without <cls>": (TRAIN + ["--pairs", "{nocls}"], "has no <cls>"),
+    "--videos a file": (TRAIN + ["--videos", "{a_file}"], "is not a folder of videos"),
+    "uncaptioned video": (TRAIN + ["--videos", "{uncaptioned}"], "records are bad"),
+    "sample without --image": (SAMPLE[:5] + SAMPLE[7:], "--image REF and --prompt are needed"),
+    "--ckpt without weights": (SAMPLE + ["--ckpt", "{empty}"], "holds no pytorch_lora_weights.safetensors"),
+    "--ckpt damaged": (SAMPLE + ["--ckpt", "{damaged}"], "cannot read the trained weights"),
+    "--ckpt of another model": (SAMPLE + ["--ckpt", "{other}"], "was trained on --model THUDM/CogVideoX-2b"),
+    "--image not an image": (SAMPLE + ["--image", "{bad}"], "cannot read image"),
+    "--image missing": (SAMPLE + ["--image", "{empty}/none.png"], "cannot read image"),
+    "empty prompt": (SAMPLE + ["--prompt", " "], "--prompt is empty"),
+    "prompt without <cls>": (SAMPLE + ["--prompt", "a dog"], "has no <cls>"),
+    "sample --out a file": (SAMPLE + ["--out", "{a_file}"], "is a file, not a folder"),
+    "--ablate on a real model": (TRAIN + ["--model", "THUDM/CogVideoX-5b", "--ablate"], "use it with --model toy"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_costs_nothing(case, tmp_path, capsys, monkeypatch):
+    """Each bad input: exit code 2, one error line naming it (after any warnings about skipped records), no model
+    loaded, the earlier run in --out unchanged."""
+    monkeypatch.setattr(dts, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    paths, checksum = _bad_world(tmp_path)
+    before = checksum()
+    argv, words = BAD[case]
+    with pytest.raises(SystemExit) as e:
+        dts.main([a.format(**paths) for a in argv])
+    *warnings, err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and err.startswith("error: ") and words in err, err
+    assert all(w.startswith("warning: skipping") for w in warnings) and len(err) < 400
+    assert checksum() == before
+
