@@ -22,6 +22,7 @@ ablations. Facts marked (code) come from the authors' ZeroScope code, where the 
 import argparse
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -96,6 +97,7 @@ def parse_args(argv=None):
     # run
     p.add_argument("--out", default="out/jointtuner")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else it is kept)")
     p.add_argument("--sample-only", action="store_true", help="sample with the adapters saved in --out")
     p.add_argument("--dry-run", action="store_true", help="check inputs, print the plan, load nothing")
     p.add_argument("--log-every", type=int, default=10)
@@ -121,6 +123,40 @@ TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, lr=1e-3, batch
 # data: checked before anything loads; a bad input ends with one line and exit code 2
 
 
+def check_args(args):
+    """Every flag in range before anything loads: floats finite; 0 iterations is the untrained base model (--ablate's
+    "base"); a motion needs 2 or more frames; sizes are multiples of 8 (the SD VAE's 8x; the UNet pads the rest)."""
+    for name in [k for k, v in vars(args).items() if isinstance(v, float)]:
+        if not math.isfinite(getattr(args, name)):
+            common.fail(f"--{name.replace('_', '-')} must be a finite number (got {getattr(args, name)})")
+    common.check_numbers(args, at_least_one=["rank", "batch", "steps", "num_samples", "max_text_len", "fps",
+                                             "log_every", "save_every", "seeds", "motion_stride"],
+                         at_least_zero=["iterations", "motion_start", "weight_decay", "cfg", "ablation_seeds"],
+                         positive=["lr", "ait_lambda"], unit=["hflip", "dropout"])
+    if args.frames < 2:
+        common.fail(f"--frames {args.frames}: a motion needs 2 or more frames (the paper: 16)")
+    if args.height % 8 or args.width % 8 or min(args.height, args.width) < 8:
+        common.fail(f"--height {args.height} --width {args.width}: use multiples of 8 (the VAE's 8x)")
+    if args.motion_end is not None and args.motion_end <= args.motion_start:
+        common.fail(f"--motion-end {args.motion_end} must be after --motion-start {args.motion_start}")
+    for flag, text in (("--prompt", args.prompt), ("--class-word", args.class_word),
+                       ("--motion-caption", args.motion_caption)):
+        if text is not None and not text.strip():
+            common.fail(f"{flag} is empty: give the words, or leave the flag out for the default")
+    if args.placeholder and args.placeholder.split() != [args.placeholder]:
+        common.fail(f"--placeholder {args.placeholder!r} must be one word, e.g. sks ('' for none)")
+
+
+def read_text(path, default):
+    """A words file (prompt.txt, a caption) or the default when there is none; an empty file is an error."""
+    if not path.is_file():
+        return default
+    text = path.read_text().strip()
+    if not text:
+        common.fail(f"{path} is empty: write the words in it, or delete it for the default")
+    return text
+
+
 def motion_clips(motion):
     """One clip (a video file or a folder of frames) or several (a folder of video files and/or frame folders)."""
     if motion.is_file() or common.list_images(motion):
@@ -132,6 +168,7 @@ def motion_clips(motion):
 def read_inputs(args):
     """Subject photos (K, 3, H, W), reference clips (M, N, 3, H, W) and the prompts. Sec. 3.2: every input is
     standardised to N frames of H x W: photos later become pseudo-videos, clips are resampled uniformly."""
+    check_args(args)
     folder = Path(args.subject or "")
     if not args.subject or not folder.is_dir():
         common.fail(f"--subject {args.subject!r} is not a folder of subject photos")
@@ -148,10 +185,9 @@ def read_inputs(args):
         common.fail(f"{motion} holds neither frames nor video files nor frame folders")
     videos = torch.stack([common.read_video(c, args.frames, size, args.motion_start, args.motion_end,
                                             args.motion_stride) for c in clips])
-    class_word = args.class_word or ((folder / "prompt.txt").read_text().strip() if (folder / "prompt.txt").is_file()
-                                     else "object")
+    class_word = args.class_word or read_text(folder / "prompt.txt", "object")
     sidecar = motion.with_suffix(".txt") if motion.is_file() else motion / "caption.txt"
-    motion_caption = args.motion_caption or (sidecar.read_text().strip() if sidecar.is_file() else "moving")
+    motion_caption = args.motion_caption or read_text(sidecar, "moving")
     subject = " ".join(w for w in ("a", args.placeholder, class_word) if w)  # code: 'A bear plushie.'
     if not args.prompt and args.model != "toy":  # a real caption names its own subject ('a person playing the flute')
         common.fail(f"--prompt is needed for a real model: the subject doing the motion, as the paper's prompts (e.g. "
@@ -308,6 +344,20 @@ def save_adapters(unet, path, args):
     meta = dict(method="jointtuner", model=args.model, rank=str(args.rank), gate=str(not args.no_gate),
                 separate=str(args.separate_lora), iterations=str(args.iterations))
     common.save_atomic(adapter_state(unet), path, lambda sd, p: save_file(sd, p, metadata=meta))
+
+
+def check_adapters(path):
+    """--sample-only: adapters.safetensors must open and be JointTuner's, before any model loads."""
+    from safetensors import safe_open
+    if not Path(path).is_file():
+        common.fail(f"--sample-only: {path} does not exist; train first")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        common.fail(f"cannot read {path} ({common.first_line(e)}): train again with --overwrite")
+    if meta.get("method") != "jointtuner":
+        common.fail(f"{path} holds no JointTuner adapters (its metadata says method {meta.get('method')})")
 
 
 def load_adapters(unet, path, dropout=0.0):
@@ -467,11 +517,22 @@ def save_state(out, unet, step, opt, gen):
                             rng=common.rng_state()), out / "ckpt.pt")
 
 
-def load_state(out, unet):
-    state = common.load_checkpoint(out / "ckpt.pt")
+def read_state(path, args):
+    """--resume's training state, opened and matched to the flags that shape it before any model loads."""
+    state = common.load_checkpoint(path)
+    if not (isinstance(state, dict) and {"step", "adapters", "opt", "gen", "rng"} <= set(state)):
+        common.fail(f"{path} holds no JointTuner training state: train again with --overwrite")
+    ranks = {v.shape[0] for k, v in state["adapters"].items() if k.endswith("lora_A.weight")}
+    if ranks != {args.rank}:
+        common.fail(f"{path} was trained with --rank {', '.join(map(str, ranks))}: resume with the same flags")
+    if any(k.endswith("gate.weight") for k in state["adapters"]) == args.no_gate:
+        common.fail(f"{path} was trained {'without' if args.no_gate else 'with'} --no-gate: resume with the same flags")
+    return state
+
+
+def load_state(state, unet):
     unet.load_state_dict(state["adapters"], strict=False)
     common.set_rng_state(state["rng"])
-    return state
 
 
 # -----------------------------------------------------------------------------
@@ -514,23 +575,27 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.ablate:
+        check_args(args)  # the table's own --seeds too, before its runs
         return common.run_ablations(main, argv, ABLATIONS, args, "jointtuner", "; rows are cumulative")
     images, videos, prompts, clips = read_inputs(args)
     if args.model != "toy":
         common.check_pretrained(args.model, "--model")
     out = Path(args.out)
-    if args.sample_only and not (out / "adapters.safetensors").is_file():
-        common.fail(f"--sample-only: {out} holds no adapters.safetensors; train first")
-    if args.resume and not (out / "ckpt.pt").is_file():
-        common.fail(f"--resume: no checkpoint at {out / 'ckpt.pt'}; run without --resume to start a new training")
+    common.check_out(out, args.resume, args.sample_only, args.overwrite)
+    if args.sample_only:
+        check_adapters(out / "adapters.safetensors")
+    state = read_state(out / "ckpt.pt", args) if args.resume else {}
     plan(args, prompts, images, clips)
     if args.dry_run:
         return None
     device, dtype = common.device_and_dtype(args.dtype)
     common.seed_everything(args.seed)
     m = load_models(args, device, dtype)
+    if args.overwrite and not (args.resume or args.sample_only):
+        common.clear_run(out, ["adapters.safetensors"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    if not args.sample_only:  # sampling alone keeps the training's config
+        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
 
     # prompts and latents once; then the text encoder is freed
     text = {k: common.encode_prompts(m["tokenizer"], m["text_encoder"], [p], args.max_text_len).to(device)
@@ -549,7 +614,8 @@ def main(argv=None):
         lat = dict(image=torch.stack([encode_frames(m["vae"], images[:, None].to(device)),   # photos and mirrors
                                       encode_frames(m["vae"], images.flip(-1)[:, None].to(device))]),
                    video=encode_frames(m["vae"], videos.to(device)))
-        state = load_state(out, unet) if args.resume else {}
+        if state:
+            load_state(state, unet)
         train(unet, m["scheduler"].alphas_cumprod, adapters, lat, text, args, state, out)
         save_adapters(unet, out / "adapters.safetensors", args)
 

@@ -1,6 +1,9 @@
 import copy
+import hashlib
 import json
+import shutil
 
+import imageio.v3 as iio
 import pytest
 import torch
 
@@ -339,7 +342,7 @@ def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
     assert "--prompt is needed for a real model" in _bad(real, capsys)
     real += ["--prompt", "a sks star moving in a zigzag"]
     assert "neither a local folder nor in the hub cache" in _bad(real, capsys)
-    assert "holds no adapters" in _bad(toy + ["--sample-only", "--out", str(empty)], capsys)
+    assert "does not exist; train first" in _bad(toy + ["--sample-only", "--out", str(empty)], capsys)
     assert "no checkpoint" in _bad(toy + ["--resume", "--out", str(empty)], capsys)
     assert "use it with --model toy" in _bad(real + ["--ablate"], capsys)
     out = tmp_path / "out"
@@ -355,15 +358,15 @@ def test_a_folder_of_clips_of_other_sizes_and_lengths_is_resampled(tmp_path, cap
     common.write_frames(clips / "a", torch.cat([big, big]))      # 18 frames of 48x64
     common.write_frames(clips / "b", tw.motion_clip(seed=1))     # 9 frames of 32x32
     common.write_video(clips / "c.gif", tw.motion_clip(seed=2))
-    assert jt.main(["--model", "toy", "--motion", str(clips), "--dry-run"]) is None
+    assert jt.main(["--model", "toy", "--motion", str(clips), "--dry-run", "--out", str(tmp_path / "out")]) is None
     assert "3 clip(s)" in capsys.readouterr().out
     args = jt.parse_args(["--model", "toy", "--motion", str(clips)])
     _, videos, _, _ = jt.read_inputs(args)
     assert videos.shape == (3, 9, 3, 32, 32)
 
 
-def test_dry_run_loads_nothing(capsys):
-    assert jt.main(["--model", "toy", "--dry-run"]) is None
+def test_dry_run_loads_nothing(tmp_path, capsys):
+    assert jt.main(["--model", "toy", "--dry-run", "--out", str(tmp_path)]) is None
     out = capsys.readouterr().out
     assert "a sks star moving in a zigzag" in out and "DDIM 20 steps" in out and "Loading" not in out
 
@@ -435,3 +438,181 @@ def test_ablate_runs_every_row_and_writes_the_table(tmp_path, monkeypatch, capsy
     assert table.count("\n| ") == len(jt.ABLATIONS) + 1 and "| -Joint Training | " in capsys.readouterr().out
     cfg = json.loads((tmp_path / "out/jointtuner/ablations/no_joint_training/seed0/config.json").read_text())
     assert (cfg["offset_noise"], cfg["no_gate"], cfg["separate_lora"], cfg["two_stage"]) == ("none", True, True, True)
+
+
+def _earlier_run(folder):
+    """--out holding an earlier run (its files are stand-ins, so --resume and --sample-only find them damaged) and
+    a checksum of every file in it, names included."""
+    for name in ("config.json", "ckpt.pt", "log.jsonl", "metrics.json", "result.mp4", "result/000.png",
+                 "adapters.safetensors"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(name.encode())
+    return lambda: hashlib.sha256(b"".join(str(q.relative_to(folder)).encode() + q.read_bytes()
+                                           for q in sorted(folder.rglob("*")) if q.is_file())).hexdigest()
+
+
+BAD_FLAGS = {  # flags -> the words the one-line error must hold
+    "iterations -5": (["--iterations=-5"], "--iterations must be >= 0"),
+    "steps 0": (["--steps", "0"], "--steps must be >= 1"),
+    "steps -1": (["--steps=-1"], "--steps must be >= 1"),
+    "num-samples 0": (["--num-samples", "0"], "--num-samples must be >= 1"),
+    "lr nan": (["--lr", "nan"], "--lr must be a finite number"),
+    "lr inf": (["--lr", "inf"], "--lr must be a finite number"),
+    "lr 0": (["--lr", "0"], "--lr must be a finite number > 0"),
+    "lr negative": (["--lr=-1e-3"], "--lr must be a finite number > 0"),
+    "rank 0": (["--rank", "0"], "--rank must be >= 1"),
+    "rank -4": (["--rank=-4"], "--rank must be >= 1"),
+    "batch 0": (["--batch", "0"], "--batch must be >= 1"),
+    "seed -1": (["--seed=-1"], "--seed must be between"),
+    "seed 2^32": (["--seed", str(2 ** 32)], "--seed must be between"),
+    "hflip 1.5": (["--hflip", "1.5"], "--hflip must be between 0 and 1"),
+    "hflip -0.1": (["--hflip=-0.1"], "--hflip must be between 0 and 1"),
+    "dropout 2": (["--dropout", "2"], "--dropout must be between 0 and 1"),
+    "dropout nan": (["--dropout", "nan"], "--dropout must be a finite number"),
+    "weight decay -1": (["--weight-decay=-1"], "--weight-decay must be >= 0"),
+    "lambda 0": (["--ait-lambda", "0"], "--ait-lambda must be a finite number > 0"),
+    "lambda inf": (["--ait-lambda", "inf"], "--ait-lambda must be a finite number"),
+    "cfg -1": (["--cfg=-1"], "--cfg must be >= 0"),
+    "cfg nan": (["--cfg", "nan"], "--cfg must be a finite number"),
+    "frames 1": (["--frames", "1"], "--frames 1: a motion needs 2 or more frames"),
+    "frames 0": (["--frames", "0"], "--frames 0: a motion needs 2 or more frames"),
+    "height 30": (["--height", "30"], "--height 30 --width 32: use multiples of 8"),
+    "width 0": (["--width", "0"], "--height 32 --width 0: use multiples of 8"),
+    "motion start -1": (["--motion-start=-1"], "--motion-start must be >= 0"),
+    "motion end before start": (["--motion-start", "4", "--motion-end", "2"], "must be after --motion-start"),
+    "motion stride 0": (["--motion-stride", "0"], "--motion-stride must be >= 1"),
+    "text length 0": (["--max-text-len", "0"], "--max-text-len must be >= 1"),
+    "fps 0": (["--fps", "0"], "--fps must be >= 1"),
+    "log every 0": (["--log-every", "0"], "--log-every must be >= 1"),
+    "save every 0": (["--save-every", "0"], "--save-every must be >= 1"),
+    "seeds 0": (["--seeds", "0"], "--seeds must be >= 1"),
+    "ablate with seeds 0": (["--ablate", "--seeds", "0"], "--seeds must be >= 1"),
+    "ablation seeds -1": (["--ablate", "--ablation-seeds=-1"], "--ablation-seeds must be >= 0"),
+    "empty prompt": (["--prompt", ""], "--prompt is empty"),
+    "blank class word": (["--class-word", "  "], "--class-word is empty"),
+    "empty motion caption": (["--motion-caption", ""], "--motion-caption is empty"),
+    "blank placeholder": (["--placeholder", " "], "--placeholder ' ' must be one word"),
+    "two-word placeholder": (["--placeholder", "s k"], "--placeholder 's k' must be one word"),
+    "prompt without placeholder": (["--prompt", "a star moving"], "does not contain the placeholder"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FLAGS)
+def test_bad_flags_cost_nothing(case, tmp_path, capsys, monkeypatch):
+    """Each bad flag: exit code 2, one line naming it, no model loaded, the earlier run in --out unchanged (even with
+    --overwrite, which clears it only once the inputs have passed)."""
+    monkeypatch.setattr(jt, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    checksum = _earlier_run(tmp_path / "out")
+    before = checksum()
+    flags, words = BAD_FLAGS[case]
+    assert words in _bad(["--model", "toy", "--out", str(tmp_path / "out"), "--overwrite"] + flags, capsys)
+    assert checksum() == before
+
+
+SUBJ, MOT = tw.ASSETS / "toy" / "subject", tw.ASSETS / "toy" / "motion"
+
+
+def _png(height, width):
+    return iio.imwrite("<bytes>", common.to_uint8(torch.zeros(3, height, width)), extension=".png")
+
+
+def _copy(t, src, changes):
+    """A copy of a toy input folder under t with some files replaced ({name: bytes}) or deleted ({name: None})."""
+    dst = t / f"input{len(list(t.iterdir()))}"
+    shutil.copytree(src, dst)
+    for name, data in changes.items():
+        (dst / name).unlink() if data is None else (dst / name).write_bytes(data)
+    return str(dst)
+
+
+def _empty(t, name="empty"):
+    (t / name).mkdir(exist_ok=True)
+    return str(t / name)
+
+
+def _file(t, name, data):
+    (t / name).write_bytes(data)
+    return str(t / name)
+
+
+def _gif(t, frames, caption=None):
+    """A gif of the toy motion's first frames, with a caption file beside it when one is given."""
+    common.write_video(t / "clip.gif", tw.motion_clip()[:frames])
+    if caption is not None:
+        (t / "clip.txt").write_text(caption)
+    return str(t / "clip.gif")
+
+
+# a toy run's training state as save_state writes it: rank 32, gated
+STATE = dict(step=2, adapters={"a.lora_A.weight": torch.zeros(32, 8), "a.gate.weight": torch.zeros(1, 8)}, opt={},
+             gen=None, rng=None)
+
+
+def _ckpt(out, state):
+    """out/ckpt.pt replaced by `state` (before the checksum is taken)."""
+    torch.save(state, out / "ckpt.pt")
+    return ["--resume"]
+
+
+def _adapters(out, method):
+    """out/adapters.safetensors replaced by a valid file whose metadata names `method`."""
+    from safetensors.torch import save_file
+    save_file({"a.lora_A.weight": torch.zeros(32, 8)}, str(out / "adapters.safetensors"), metadata={"method": method})
+    return ["--sample-only"]
+
+
+REAL = ["--subject", str(SUBJ), "--motion", str(MOT), "--frames", "9", "--height", "32", "--width", "32"]
+PROMPT = ["--prompt", "a sks star moving"]
+
+BAD_FILES = {  # (tmp folder, --out) -> flags, and the words the one-line error must hold
+    "out holds a run": (lambda t, out: [], "holds an earlier run"),
+    "out is a file": (lambda t, out: ["--out", _file(t, "a_file", b"x")], "is a file, not a folder"),
+    "damaged checkpoint": (lambda t, out: ["--resume"], "cannot read the checkpoint"),
+    "another method's checkpoint": (lambda t, out: _ckpt(out, dict(stage="subject", step=2, lora={})),
+                                    "holds no JointTuner training state"),
+    "checkpoint of another rank": (lambda t, out: _ckpt(out, STATE) + ["--rank", "16"], "was trained with --rank 32"),
+    "checkpoint with gates resumed with --no-gate": (lambda t, out: _ckpt(out, STATE) + ["--no-gate"],
+                                                     "was trained without --no-gate"),
+    "damaged adapters": (lambda t, out: ["--sample-only"], "out/adapters.safetensors ("),
+    "another method's adapters": (lambda t, out: _adapters(out, "dualreal"), "holds no JointTuner adapters"),
+    "no adapters": (lambda t, out: ["--sample-only", "--out", _empty(t)], "does not exist; train first"),
+    "no subject folder": (lambda t, out: ["--subject", str(t / "nope")], "is not a folder"),
+    "subject is a file": (lambda t, out: ["--subject", _file(t, "a.png", _png(32, 32))], "is not a folder"),
+    "no photos": (lambda t, out: ["--subject", _empty(t)], "has no image"),
+    "junk photo": (lambda t, out: ["--subject", _copy(t, SUBJ, {"0.png": b"not a png"})], "cannot read image"),
+    "truncated photo": (lambda t, out: ["--subject", _copy(t, SUBJ, {"1.png": (SUBJ / "1.png").read_bytes()[:60]})],
+                        "cannot read image"),
+    "empty prompt.txt": (lambda t, out: ["--subject", _copy(t, SUBJ, {"prompt.txt": b"\n"})], "prompt.txt is empty"),
+    "empty caption.txt": (lambda t, out: ["--motion", _copy(t, MOT, {"caption.txt": b" "})], "caption.txt is empty"),
+    "empty caption beside a video": (lambda t, out: ["--motion", _gif(t, 9, caption="")], "clip.txt is empty"),
+    "no motion": (lambda t, out: ["--motion", str(t / "no.mp4")], "does not exist"),
+    "empty motion folder": (lambda t, out: ["--motion", _empty(t)], "holds neither frames nor video files"),
+    "corrupt video": (lambda t, out: ["--motion", _file(t, "clip.mp4", b"\x00\x00\x00\x18ftypmp42" + b"junk" * 100)],
+                      "cannot read video"),
+    "short clip": (lambda t, out: ["--motion", _copy(t, MOT, {f"00{i}.png": None for i in range(5, 9)})],
+                   "has 5 frames, 9 are needed"),
+    "short video": (lambda t, out: ["--motion", _gif(t, 4)], "has 4 frames, 9 are needed"),
+    "real model without a prompt": (lambda t, out: REAL + ["--model", _empty(t)],
+                                    "--prompt is needed for a real model"),
+    "model folder without model_index.json": (lambda t, out: REAL + PROMPT + ["--model", _empty(t)],
+                                              "holds no model_index.json"),
+    "model nowhere": (lambda t, out: REAL + PROMPT + ["--model", str(t / "no-model")],
+                      "neither a local folder nor in the hub cache"),
+    "ablate a real model": (lambda t, out: REAL + PROMPT + ["--model", str(t / "no"), "--ablate"],
+                            "use it with --model toy"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_files_cost_nothing(case, tmp_path, capsys, monkeypatch):
+    """Each bad path or file: exit code 2, one short line naming it, before any model loads, and the earlier run in
+    --out as it was."""
+    monkeypatch.setattr(jt, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    checksum = _earlier_run(out)
+    flags, words = BAD_FILES[case]
+    argv = ["--model", "toy", "--out", str(out)] + flags(tmp_path, out)
+    before = checksum()
+    err = _bad(argv, capsys)
+    assert words in err and len(err) < 400, err
+    assert checksum() == before
