@@ -15,10 +15,12 @@ the text only; the reference tokens are in both branches.
     # the toy world on a CPU in minutes: train on toy pairs + videos, then sample held-out (novel) sprites
     python dual_task_sdv.py --model toy
     python dual_task_sdv.py --model toy --p 0 --out out/dual_task_sdv_p0   # image-only (the paper: videos freeze)
+    python dual_task_sdv.py --model toy --sample-only   # sample the held-out sprites again with the LoRA in --out
 
 Training writes pytorch_lora_weights.safetensors (the diffusers LoRA format: CogVideoXPipeline's load_lora_weights
 loads it) and cls_embedding.safetensors (the trained input row of <cls>) into --out; with --grad-every also
-grad_log.jsonl (B.1), which `python evaluate.py --grad-cosine PNG LOG...` draws as the paper's Fig. 5.
+grad_log.jsonl (B.1), which `python evaluate.py --grad-cosine PNG LOG...` draws as the paper's Fig. 5. --dry-run
+checks every input and prints the plan without loading a model.
 
 The paper: Kim et al., "Subject-driven Video Generation via Disentangled Identity and Motion" (2025; CITATION.bib):
 sections 3-5, supplement A (LoRA, optimiser, data), B (gradient analysis), D. The official code is inference-only;
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import toyworld
 
 # -----------------------------------------------------------------------------
 # settings: paper values as defaults; --model toy applies TOY on top
@@ -109,6 +112,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/dual_task_sdv")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else it is kept)")
+    p.add_argument("--sample-only", action="store_true", help="sample with the LoRA saved in --out (the sample "
+                                                              "command with --ckpt = --out; toy: the held-out sprites)")
+    p.add_argument("--num-samples", type=int, default=1, help="sample: videos from seeds seed, seed + 1, ...")
+    p.add_argument("--dry-run", action="store_true", help="check inputs, print the plan, load nothing")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--toy-pairs", type=int, default=256, help="toy world: subject-image pairs made in memory")
@@ -118,10 +125,11 @@ def parse_args(argv=None):
     p.add_argument("--ablation-seeds", type=int, default=1,
                    help="seeds for every other --ablate variant (0: base and full only)")
     args = p.parse_args(argv)
-    args.mode = mode or ("toy" if args.model == "toy" else "train")
+    args.mode = "sample" if args.sample_only else mode or ("toy" if args.model == "toy" else "train")
+    args.ckpt = args.ckpt or (args.out if args.sample_only else None)
     if args.model == "toy":
         args.subject = args.motion = None  # apply_toy_preset fills the bundled subject/motion (unused here)
-        common.apply_toy_preset(args, p, argv, TOY)
+        toyworld.apply_preset(args, p, argv, TOY)
     return args
 
 
@@ -136,8 +144,8 @@ def check_args(args):
     """Every numeric flag in range and every text non-empty, before anything loads. --iterations 0 is the untrained
     base model; CogVideoX's VAE needs 4k+1 frames and sizes that are multiples of 16 (8x VAE, 2x2 patches)."""
     common.check_numbers(args, at_least_one=["rank", "max_text_len", "pair_batch", "video_batch", "pair_micro",
-                                             "video_micro", "steps", "fps", "log_every", "save_every", "toy_pairs",
-                                             "toy_videos", "seeds", "lr_cycles"],
+                                             "video_micro", "steps", "num_samples", "fps", "log_every", "save_every",
+                                             "toy_pairs", "toy_videos", "seeds", "lr_cycles"],
                          at_least_zero=["iterations", "warmup", "grad_every", "weight_decay", "cfg", "crop_jitter",
                                         "ablation_seeds"],
                          positive=["lr", "lora_alpha", "grad_clip"], unit=["p", "p_drop", "lora_dropout", "max_bad"])
@@ -148,9 +156,10 @@ def check_args(args):
     if args.prompt is not None and not args.prompt.strip():
         common.fail("--prompt is empty: write the prompt, with <cls> before the subject noun")
     if args.mode == "sample":
-        if not args.ckpt or not args.image or not args.prompt:
+        held_out = args.model == "toy" and not args.image and not args.prompt  # the toy world's held-out sprites
+        if not args.ckpt or not held_out and not (args.image and args.prompt):
             common.fail("sample: --ckpt RUN (a training's --out), --image REF and --prompt are needed")
-        if CLS not in args.prompt:  # sec. 3: <cls> stands before the subject noun, as in every training prompt
+        if args.prompt and CLS not in args.prompt:  # sec. 3: <cls> stands before the subject noun, as in training
             common.fail(f"--prompt {args.prompt!r} has no {CLS}: write it before the subject noun "
                         f"('a {CLS} toy car driving on a beach')")
     if args.mode == "train" and (not args.pairs or not args.videos):
@@ -350,7 +359,10 @@ class ToyData:
 def load_models(args, device, dtype):
     """CogVideoX transformer, VAE, T5 + tokenizer (with <cls> added), scheduler, and "cls": the <cls> input
     embedding as its own fp32 parameter; or the toy world's pieces."""
-    m = common.load_cogvideox(args.model, args.sampler, dtype)
+    if args.model == "toy":
+        m = toyworld.cogvideox_parts(dtype)
+    else:
+        m = common.load_cogvideox(args.model, args.sampler, dtype)
     cid = add_cls_token(m["tokenizer"], m["text_encoder"])
     cfg = m["transformer"].config
     if not cfg.use_rotary_positional_embeddings or cfg.patch_size_t is not None:
@@ -848,6 +860,23 @@ def train(m, data, args, out, batches, state, rank=0, world=1):
 # main
 
 
+def plan(args, data, batches):
+    """What the run will do, printed before anything loads (all of it under --dry-run)."""
+    lines = [f"model: {args.model}; LoRA rank {args.rank}, alpha {args.lora_alpha:g}, dropout {args.lora_dropout:g} "
+             f"on {', '.join(LORA_TARGETS)}; dtype {args.dtype}"]
+    if args.mode == "sample":
+        lines.append(f"sample: LoRA and <cls> from {args.ckpt}; " + (f"reference {args.image}, prompt {args.prompt!r}, "
+                     f"{args.num_samples} sample(s)" if args.image else "the held-out toy sprites"))
+    else:
+        lines += [f"data: {len(data.pairs)} pairs, {len(data.videos)} videos" + " (toy)" * (args.mode == "toy"),
+                  f"training: {args.iterations} steps, p {args.p}, p_drop {args.p_drop}, AdamW lr {args.lr:g}, "
+                  f"{args.warmup} warm-up steps; per step (micro-batch, passes) {batches}"
+                  + f"; resumed from {args.out}/ckpt.pt" * args.resume]
+    lines += [f"video: {args.frames} frames at {args.height}x{args.width}, {args.fps} fps; {args.sampler} "
+              f"{args.steps} steps, cfg {args.cfg:g}, seed {args.seed}", f"out: {args.out}"]
+    print("\n".join(lines))
+
+
 ABLATIONS = {"base (no training)": ["--iterations", "0"], "p 0.2": [], "p 0 (image only)": ["--p", "0"],
              "p 0.4": ["--p", "0.4"], "two-stage": ["--two-stage"], "no random frame": ["--no-random-frame"],
              "p_drop 0": ["--p-drop", "0"], "t2v motion step": ["--t2v"]}
@@ -857,7 +886,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.ablate:
-        return common.run_ablations(main, argv, ABLATIONS, args, "dual_task_sdv", "")
+        return toyworld.run_ablations(main, argv, ABLATIONS, args, "dual_task_sdv", "")
     # every input is checked before any model loads: a bad one ends with one line, exit code 2, --out untouched
     check_args(args)
     if args.model != "toy":
@@ -867,7 +896,7 @@ def main(argv=None):
     data, state, batches = None, {}, None
     if args.mode == "sample":
         row = read_cls(args.ckpt, args.model)
-        image = common.read_image(args.image, (args.height, args.width))  # resized/cropped to the training size
+        image = common.read_image(args.image, (args.height, args.width)) if args.image else None  # training size
     else:
         data = FolderData(args) if args.mode == "train" else ToyData(args.toy_pairs, args.toy_videos, args.seed)
         state = common.load_checkpoint(out / "ckpt.pt") if args.resume else {}
@@ -879,6 +908,10 @@ def main(argv=None):
         if args.grad_every:  # B.1's validation split must leave records to train on
             validation_split(len(data.pairs), batches["image"][0] * world, args.seed)
             validation_split(len(data.videos), batches["video"][0] * world, args.seed)
+    if rank == 0:
+        plan(args, data, batches)
+    if args.dry_run:
+        return None
     common.seed_everything(args.seed)
     m = load_models(args, device, dtype)
     tr = m["transformer"]
@@ -886,11 +919,16 @@ def main(argv=None):
         tr.enable_gradient_checkpointing()
     if args.mode == "sample":
         load_lora(m, args.ckpt, row)
-        video = generate(m, image, args.prompt, args, args.seed)
         out.mkdir(parents=True, exist_ok=True)
-        write_results(out, video, args.fps, 8 if args.model == "toy" else 1)
-        print(f"wrote {out / 'result.mp4'} ({args.prompt!r})")
+        if image is None:
+            return toy_eval(m, args, out)
+        videos = [generate(m, image, args.prompt, args, args.seed + i) for i in range(args.num_samples)]
+        grid = common.side_by_side([image[None]] + videos) if len(videos) > 1 else None  # reference | samples
+        write_results(out, videos[0], args.fps, 8 if args.model == "toy" else 1, grid)
+        print(f"wrote {out / 'result.mp4'} ({args.prompt!r}, {len(videos)} sample(s))")
         return None
+    if world > 1:  # every rank has checked --out (NCCL starts lazily) before rank 0 writes into it
+        torch.distributed.barrier()
     if rank == 0:
         if args.overwrite and not args.resume:  # the earlier run goes only now, after the models loaded
             common.clear_run(out, [LORA_FILE, CLS_FILE, "grad_log.jsonl"])
@@ -898,8 +936,7 @@ def main(argv=None):
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     lora = sum(p.numel() for p in add_lora(tr, args))
     print(f"rank {rank}/{world}: " * (world > 1) + f"LoRA: {lora / 1e6:.2f} M parameters "
-          f"on {len(common.lora_layers(tr))} layers; pairs {len(data.pairs)}, videos {len(data.videos)}; "
-          f"{args.iterations} steps, p {args.p}, p_drop {args.p_drop}; per step (micro-batch, passes) {batches}")
+          f"on {len(common.lora_layers(tr))} layers")
     train(m, data, args, out, batches, state, rank, world)  # DDP keeps the ranks' weights equal: rank 0's are saved
     result = None
     if rank == 0:

@@ -209,6 +209,11 @@ def test_toy_run_trains_saves_and_samples_and_sample_mode_reloads(tmp_path):
         assert (tmp_path / ckpt.name / "result.mp4").is_file()
         videos.append(torch.stack([common.read_image(q) for q in sorted((tmp_path / ckpt.name / "result").iterdir())]))
     assert (videos[0] - videos[1]).abs().max() > 0.05
+    # --sample-only: the held-out sprites again, from the LoRA in --out (the same numbers); --num-samples: a grid
+    assert dts.main(FAST + ["--out", str(out), "--sample-only"]) == metrics
+    dts.main(["sample", "--model", "toy", "--ckpt", str(out), "--image", str(img), "--prompt", "a <cls>", "--steps",
+              "1", "--num-samples", "2", "--out", str(tmp_path / "two")])
+    assert (tmp_path / "two" / "result_grid.mp4").is_file()
 
 
 def test_the_saved_lora_loads_in_a_cogvideox_pipeline_as_in_our_loader(tmp_path):
@@ -219,8 +224,8 @@ def test_the_saved_lora_loads_in_a_cogvideox_pipeline_as_in_our_loader(tmp_path)
     ours = copy.deepcopy(base)
     m = dict(transformer=model, cls=torch.nn.Parameter(torch.randn(32)))
     dts.save_lora(model, m, argparse.Namespace(model="toy", iterations=1, p=0.2), tmp_path)
-    pipe = CogVideoXPipeline(tokenizer=tw.tokenizer("t5"), text_encoder=tw.text_encoder("t5"),
-                             vae=tw.load_vae_for("cogvideox"), transformer=base, scheduler=tw.noise_schedule("cogvideox"))
+    pipe = CogVideoXPipeline(tokenizer=tw.tokenizer("t5"), text_encoder=tw.text_encoder("t5"), transformer=base,
+                             vae=tw.load_vae_for("cogvideox"), scheduler=tw.noise_schedule("cogvideox"))
     pipe.load_lora_weights(str(tmp_path))
     mine = dict(transformer=ours, cls=torch.nn.Parameter(torch.zeros(32)))
     dts.load_lora(mine, tmp_path, dts.read_cls(tmp_path, "toy"))
@@ -309,6 +314,7 @@ out = Path(sys.argv[sys.argv.index("--out") + 1])
 
 def test_two_process_gloo_run_trains_through_ddp_and_keeps_the_ranks_equal(tmp_path):
     import os
+    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -318,7 +324,10 @@ def test_two_process_gloo_run_trains_through_ddp_and_keeps_the_ranks_equal(tmp_p
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(root), CUDA_VISIBLE_DEVICES="")
     out = tmp_path / "d"
     # 4 pairs a step over 2 ranks of 1 pair per pass: 2 passes, the first under no_sync
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    with socket.socket() as free:  # a free port: other test runs on this machine may hold a fixed one
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            str(tmp_path / "run.py")] + FAST + ["--out", str(out), "--pair-micro", "1", "--grad-every", "2",
                                                "--pcgrad", "4"]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -362,8 +371,8 @@ def test_ablate_runs_every_variant_and_logs_the_gradient_cosines(tmp_path, monke
     rows = dts.main(FAST + ["--ablate", "--seeds", "1", "--grad-every", "2"])
     assert list(rows) == list(dts.ABLATIONS) and all(set(r[0]) >= {"identity", "dynamics"} for r in rows.values())
     for name in dts.ABLATIONS:
-        assert (tmp_path / "results" / "dual_task_sdv" / common.slug(name) / "seed0" / "metrics.json").is_file()
-    run = tmp_path / "out/dual_task_sdv/ablations" / common.slug("p 0 (image only)") / "seed0"
+        assert (tmp_path / "results" / "dual_task_sdv" / tw.slug(name) / "seed0" / "metrics.json").is_file()
+    run = tmp_path / "out/dual_task_sdv/ablations" / tw.slug("p 0 (image only)") / "seed0"
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["p"] == 0.0
     assert [json.loads(x)["step"] for x in (run / "grad_log.jsonl").read_text().splitlines()] == [0, 2]
@@ -525,7 +534,7 @@ BAD = {  # argv -> the words of the one-line error
     "iterations -5": (TOY + ["--iterations", "-5"], "--iterations must be >= 0"),
     "steps 0": (TOY + ["--steps", "0"], "--steps must be >= 1"),
     "steps -1 (sample)": (SAMPLE + ["--steps", "-1"], "--steps must be >= 1"),
-    "lr nan": (TOY + ["--lr", "nan"], "--lr must be a finite number > 0"),
+    "lr nan": (TOY + ["--lr", "nan"], "--lr must be a finite number"),
     "lr 0": (TOY + ["--lr", "0"], "--lr must be a finite number > 0"),
     "lr negative": (TOY + ["--lr=-1e-3"], "--lr must be a finite number > 0"),
     "rank 0": (TOY + ["--rank", "0"], "--rank must be >= 1"),
@@ -538,12 +547,14 @@ BAD = {  # argv -> the words of the one-line error
     "pair batch 0": (TOY + ["--pair-batch", "0"], "--pair-batch must be >= 1"),
     "video micro 0": (TOY + ["--video-micro", "0"], "--video-micro must be >= 1"),
     "pair batch not a multiple": (TOY + ["--pair-batch", "3", "--pair-micro", "2"], "is not a multiple of 2"),
-    "grad clip inf": (TOY + ["--grad-clip", "inf"], "--grad-clip must be a finite number > 0"),
+    "grad clip inf": (TOY + ["--grad-clip", "inf"], "--grad-clip must be a finite number"),
     "cfg -1": (TOY + ["--cfg", "-1"], "--cfg must be >= 0"),
     "warmup -1": (TOY + ["--warmup", "-1"], "--warmup must be >= 0"),
     "grad every -1": (TOY + ["--grad-every", "-1"], "--grad-every must be >= 0"),
     "save every 0": (TOY + ["--save-every", "0"], "--save-every must be >= 1"),
     "fps 0": (SAMPLE + ["--fps", "0"], "--fps must be >= 1"),
+    "num samples 0": (SAMPLE + ["--num-samples", "0"], "--num-samples must be >= 1"),
+    "--sample-only without a run": (TOY[:2] + ["--out", "{empty}", "--sample-only"], "holds no pytorch_lora_weights"),
     "toy pairs 0": (TOY + ["--toy-pairs", "0"], "--toy-pairs must be >= 1"),
     "frames 10": (TOY + ["--frames", "10"], "4k+1 frames"),
     "height 30": (SAMPLE + ["--height", "30"], "multiples of 16"),
@@ -587,3 +598,31 @@ def test_bad_input_costs_nothing(case, tmp_path, capsys, monkeypatch):
     assert all(w.startswith("warning: skipping") for w in warnings) and len(err) < 400
     assert checksum() == before
 
+
+def test_every_docstring_command_runs_with_dry_run(tmp_path, monkeypatch, capsys):
+    """The commands at the top of the file, each with --dry-run: inputs checked, the plan printed, nothing loaded."""
+    import shlex
+    from PIL import Image
+    from safetensors.torch import save_file
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dts, "load_models", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(common, "check_pretrained", lambda *a, **k: None)  # CogVideoX-5B is not in this cache
+    Image.new("RGB", (64, 64)).save("ref.png")                             # what the commands name
+    (tmp_path / "PAIRS").mkdir()
+    Image.new("RGB", (64, 64)).save("PAIRS/a.png")
+    (tmp_path / "PAIRS" / "pairs.jsonl").write_text(json.dumps(dict(ref="a.png", target="a.png", prompt="a <cls>")))
+    common.write_video(tmp_path / "VIDEOS" / "0.gif", torch.zeros(9, 3, 8, 8), 4)
+    (tmp_path / "VIDEOS" / "0.txt").write_text("a dog")
+    run = tmp_path / "out" / "dual_task_sdv"
+    run.mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, str(run / dts.LORA_FILE))
+    commands = [line.split("dual_task_sdv.py", 1)[1] for line in dts.__doc__.splitlines()
+                if line.strip().startswith(("python dual_task_sdv.py", "torchrun"))]
+    assert len(commands) >= 5
+    for command in commands:  # a trained run in out/dual_task_sdv, of the model the command names
+        model = "toy" if "--model toy" in command else "THUDM/CogVideoX-5b"
+        save_file({dts.CLS: torch.zeros(4)}, str(run / dts.CLS_FILE), metadata=dict(model=model))
+        assert dts.main(shlex.split(command, comments=True) + ["--dry-run"]) is None
+        plan = capsys.readouterr().out
+        assert "model: " in plan and "out: " in plan, command
+    assert sorted(q.name for q in run.iterdir()) == sorted([dts.CLS_FILE, dts.LORA_FILE])  # nothing written
