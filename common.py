@@ -4,7 +4,6 @@ Device and dtype, seeding, clear input errors, image/video I/O (imageio) and res
 encoding with a cache, the noise/target arithmetic of the three prediction types, peft LoRA helpers, atomic
 checkpoints, a NaN guard, the log line, and sample writing (mp4, gif, lossless PNG frames, side-by-side grid).
 """
-import argparse
 import json
 import math
 import os
@@ -44,22 +43,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def apply_toy_preset(args, parser, argv, preset):
-    """--model toy: the toy world's sizes and steps on top of the paper defaults (a flag given in argv stays, even
-    when its value is the paper default), and the bundled toy subject and motion when none is given."""
-    import copy
-    import toyworld
-    probe = copy.deepcopy(parser)  # the same parser with no defaults parses argv to exactly the flags given
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    given = vars(probe.parse_args(argv))
-    for k, v in preset.items():
-        if k not in given:
-            setattr(args, k, v)
-    args.subject = args.subject or str(toyworld.ASSETS / "toy" / "subject")
-    args.motion = args.motion or str(toyworld.ASSETS / "toy" / "motion")
-
-
 def fail(message):
     """A bad input ends the run with one line (what is wrong, what to do), exit code 2 and no traceback."""
     print("error: " + " ".join(str(message).split()), file=sys.stderr)  # one line, even for library messages
@@ -74,10 +57,13 @@ def first_line(error, limit=200):
 
 
 def check_numbers(args, at_least_one=(), at_least_zero=(), positive=(), unit=()):
-    """Range checks of numeric flags, before anything loads: counts >= 1 (or >= 0), finite rates > 0, fractions in
-    [0, 1], and a seed numpy and torch both accept."""
+    """Range checks of numeric flags, before anything loads: every float finite, counts >= 1 (or >= 0), rates > 0,
+    fractions in [0, 1], and a seed numpy and torch both accept."""
     def bad(name, want):
         fail(f"--{name.replace('_', '-')} must be {want} (got {getattr(args, name)})")
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            bad(name, "a finite number")
     for name in at_least_one:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             bad(name, ">= 1")
@@ -142,6 +128,16 @@ def check_pretrained(name, flag, filename="model_index.json"):
 
 def list_images(folder):
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+
+def read_text(path, default):
+    """A words file (prompt.txt, a caption) or the default when there is none; an empty file is an error."""
+    if not Path(path).is_file():
+        return default
+    text = Path(path).read_text().strip()
+    if not text:
+        fail(f"{path} is empty: write the words in it, or delete it for the default")
+    return text
 
 
 def read_rgb(path):
@@ -244,10 +240,11 @@ def side_by_side(videos):
     return torch.cat(out, dim=-1)
 
 
-def write_result(out, videos, images, motion, prompt, fps, toy=False):
+def write_result(out, videos, images, motion, prompt, fps, evaluate=None):
     """A method's result from videos (N, F, 3, H, W), N samples of one prompt: lossless frames and result.mp4 of the
-    first, result_grid.mp4 (subject | motion | every sample) and, in the toy world, metrics.json with the mean over
-    the N samples (returned)."""
+    first, result_grid.mp4 (subject | motion | every sample) and, given the toy world's `evaluate`, metrics.json with
+    the mean over the N samples (returned)."""
+    toy = evaluate is not None
     up = 8 if toy else 1  # 32x32 toy clips are too small to look at
     tmp = Path(out) / ".result.tmp"  # everything is written here first, then moved into place: a crash while
     shutil.rmtree(tmp, ignore_errors=True)  # writing leaves the earlier result whole
@@ -256,8 +253,7 @@ def write_result(out, videos, images, motion, prompt, fps, toy=False):
     write_video(tmp / "result_grid.mp4", side_by_side([images[:1], motion, *videos]), fps, upscale=up)
     metrics = None
     if toy:
-        import toyworld
-        each = [toyworld.evaluate(v, list(images), motion) for v in videos]
+        each = [evaluate(v, list(images), motion) for v in videos]
         metrics = {k: sum(e[k] for e in each) / len(each) for k in each[0]}
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for name in RESULT_FILES:
@@ -356,11 +352,12 @@ def set_lora_scale(layers, name, scale, where=None):
             m.set_scale(name, scale if where is None or where(n) else 0.0)
 
 
-def save_lora(pipeline_cls, model, name, folder):
-    """diffusers LoRA format: folder/pytorch_lora_weights.safetensors, loadable with pipe.load_lora_weights."""
+def save_lora(pipeline_cls, model, name, path):
+    """The LoRA `name` in diffusers' format (pipe.load_lora_weights(folder) loads it), written beside and moved into
+    place: a crash never leaves half a file."""
     from peft.utils import get_peft_model_state_dict
-    state = get_peft_model_state_dict(model, adapter_name=name)
-    pipeline_cls.save_lora_weights(str(folder), transformer_lora_layers=state)
+    save_atomic(get_peft_model_state_dict(model, adapter_name=name), path, lambda sd, q: pipeline_cls.save_lora_weights(
+        str(Path(q).parent), transformer_lora_layers=sd, weight_name=Path(q).name))
 
 
 # -----------------------------------------------------------------------------
@@ -431,12 +428,7 @@ class StepLog:
 
 def load_cogvideox(model, sampler, dtype):
     """CogVideoX (transformer, VAE, T5 and its tokenizer, the DPM or DDIM sampler of the model's scheduler config)
-    from a hub id or local folder, or the toy world's tiny CogVideoX and VAE for model='toy'."""
-    if model == "toy":
-        import toyworld
-        return dict(transformer=toyworld.load_backbone("cogvideox"), vae=toyworld.load_vae_for("cogvideox"),
-                    tokenizer=toyworld.tokenizer("t5"), text_encoder=toyworld.text_encoder("t5"),
-                    scheduler=toyworld.noise_schedule("cogvideox"))
+    from a hub id or local folder (the toy world's are toyworld.cogvideox_parts)."""
     from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
                            CogVideoXTransformer3DModel)
     from transformers import AutoTokenizer, T5EncoderModel
@@ -461,46 +453,3 @@ def cogvideox_rotary(transformer, frames, height, width):
     crops = get_resize_crop_region_for_grid(grid, cfg.sample_width // p, cfg.sample_height // p)
     return get_3d_rotary_pos_embed(cfg.attention_head_dim, crops, grid_size=grid, temporal_size=frames,
                                    device=transformer.device)
-
-
-def slug(name):
-    """A variant's folder name: '-LoRA Gating' -> 'no_lora_gating', 'inject all (Comb. 1)' -> 'inject_all'."""
-    name = "no " + name[1:] if name.startswith("-") else name.split(" (")[0]
-    return "_".join("".join(ch if ch.isalnum() else " " for ch in name.lower()).split())
-
-
-def run_ablations(main, argv, variants, args, method, note=""):
-    """Run a method's main() for every variant under args.out/ablations/<variant>/seed<k>/, keep each
-    metrics.json under results/<method>/ (committed, so tables can be remade without training) and print one
-    markdown table of mean +- std over seeds. The first two variants are the base model and the full method and
-    get args.seeds seeds, the others args.ablation_seeds (CPU time is short; 0 leaves them out). A variant whose
-    flags hold --sample-only changes only sampling: it starts from a copy of the full method's run of the same
-    seed, so it reuses those trained adapters. The tables are the toy world's (its metrics need its renderer)."""
-    import statistics
-    if args.model != "toy":
-        fail("--ablate runs the toy world's table: use it with --model toy")
-    out, full = Path(args.out), slug(list(variants)[1])
-    rest, rows = [a for a in argv if a != "--ablate"], {}
-    for i, (name, flags) in enumerate(variants.items()):
-        n = args.seeds if i < 2 else min(args.ablation_seeds, args.seeds)
-        if n:  # --ablation-seeds 0: only the base model and the full method
-            rows[name] = []
-        for seed in range(n):
-            run = out / "ablations" / slug(name) / f"seed{seed}"
-            shutil.rmtree(run, ignore_errors=True)  # each variant's run is made afresh
-            if "--sample-only" in flags:
-                shutil.copytree(out / "ablations" / full / f"seed{seed}", run)
-            rows[name].append(main(rest + flags + ["--seed", str(seed), "--out", str(run)]))
-            kept = Path("results") / method / slug(name) / f"seed{seed}" / "metrics.json"
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            kept.write_text((run / "metrics.json").read_text())
-    keys = list(rows[next(iter(rows))][0])
-    lines = ["| variant | seeds | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 2)]
-    for name, runs in rows.items():
-        cell = (lambda k: f"{statistics.mean(r[k] for r in runs):.3f}" + (
-            f" +- {statistics.pstdev(r[k] for r in runs):.3f}" if len(runs) > 1 else ""))
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cell(k) for k in keys) + " |")
-    table = "\n".join(lines) + f"\n\nmean +- std over seeds{note}."
-    (Path(out) / "ablations" / "table.md").write_text(table + "\n")
-    print(table)
-    return rows

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import toyworld
 
 # -----------------------------------------------------------------------------
 # settings: paper (and official code) values as defaults; --model toy applies TOY on top
@@ -112,7 +113,7 @@ def parse_args(argv=None):
                    help="seeds for every other --ablate variant (0: base and full only)")
     args = p.parse_args(argv)
     if args.model == "toy":
-        common.apply_toy_preset(args, p, argv, TOY)
+        toyworld.apply_preset(args, p, argv, TOY)
     return args
 
 
@@ -171,12 +172,9 @@ def read_inputs(args):
     videos = torch.stack([common.read_video(c, args.frames, size, args.motion_start, args.motion_end,
                                             args.motion_stride or None) for c in clips])
     word = folder / "prompt.txt"
-    class_word = args.class_word or (word.read_text().strip() if word.is_file() else "object")
+    class_word = args.class_word or common.read_text(word, "object")
     sidecar = motion.with_suffix(".txt") if motion.is_file() else motion / "caption.txt"
-    caption = args.motion_caption or (sidecar.read_text().strip() if sidecar.is_file() else "moving")
-    for text, source in ((class_word, word), (caption, sidecar)):
-        if not text:
-            common.fail(f"{source} is empty: write the words in it, or delete it for the default")
+    caption = args.motion_caption or common.read_text(sidecar, "moving")
     subject = f"a {args.placeholder} {class_word}"  # code: identity captions name the subject only
     if args.prompt is None and args.model != "toy":  # a real caption names its own subject ("a person playing...")
         common.fail('real models need --prompt (the video you want, e.g. "a sks dog doing push ups in a saloon"); '
@@ -195,10 +193,12 @@ def load_models(args, device, dtype):
     """CogVideoX (transformer, VAE, T5 and its tokenizer, the sampler of the model's scheduler config) and the CLIP
     image encoder with its own preprocessing from hub ids / local folders, or the toy world's pieces for --model toy."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-    m = common.load_cogvideox(args.model, args.sampler, dtype)
+    if args.model == "toy":
+        m = toyworld.cogvideox_parts(dtype)
+    else:
+        m = common.load_cogvideox(args.model, args.sampler, dtype)
     encoder = args.image_encoder
     if args.model == "toy":
-        import toyworld
         encoder = toyworld.ASSETS / "encoders" / "clip_vision"  # the tiny frozen stand-in for ViT-H/14
     m["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(encoder, torch_dtype=dtype)
     m["image_processor"] = CLIPImageProcessor.from_pretrained(encoder)
@@ -568,7 +568,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.ablate:
-        return common.run_ablations(main, argv, ABLATIONS, args, "dualreal", "")
+        check_args(args)
+        return toyworld.run_ablations(main, argv, ABLATIONS, args, "dualreal", "")
     images, videos, prompts, clips = read_inputs(args)
     if args.model != "toy":
         common.check_pretrained(args.model, "--model")
@@ -617,7 +618,8 @@ def main(argv=None):
         save_adapters(dr, out / "adapters.safetensors", args)
 
     video = generate(m, dr, text, c_subject, args, args.num_samples)
-    return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps, toy=args.model == "toy")
+    return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps,
+                               evaluate=toyworld.evaluate if args.model == "toy" else None)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ ablations. Facts marked (code) come from the authors' ZeroScope code, where the 
 import argparse
 import functools
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
+import toyworld
 
 # -----------------------------------------------------------------------------
 # settings: paper values as defaults; --model toy applies TOY on top
@@ -109,7 +109,7 @@ def parse_args(argv=None):
                    help="seeds for every other --ablate variant (0: base and full only)")
     args = p.parse_args(argv)
     if args.model == "toy":
-        common.apply_toy_preset(args, p, argv, TOY)
+        toyworld.apply_preset(args, p, argv, TOY)
     return args
 
 
@@ -126,9 +126,6 @@ TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, lr=1e-3, batch
 def check_args(args):
     """Every flag in range before anything loads: floats finite; 0 iterations is the untrained base model (--ablate's
     "base"); a motion needs 2 or more frames; sizes are multiples of 8 (the SD VAE's 8x; the UNet pads the rest)."""
-    for name in [k for k, v in vars(args).items() if isinstance(v, float)]:
-        if not math.isfinite(getattr(args, name)):
-            common.fail(f"--{name.replace('_', '-')} must be a finite number (got {getattr(args, name)})")
     common.check_numbers(args, at_least_one=["rank", "batch", "steps", "num_samples", "max_text_len", "fps",
                                              "log_every", "save_every", "seeds", "motion_stride"],
                          at_least_zero=["iterations", "motion_start", "weight_decay", "cfg", "ablation_seeds"],
@@ -145,16 +142,6 @@ def check_args(args):
             common.fail(f"{flag} is empty: give the words, or leave the flag out for the default")
     if args.placeholder and args.placeholder.split() != [args.placeholder]:
         common.fail(f"--placeholder {args.placeholder!r} must be one word, e.g. sks ('' for none)")
-
-
-def read_text(path, default):
-    """A words file (prompt.txt, a caption) or the default when there is none; an empty file is an error."""
-    if not path.is_file():
-        return default
-    text = path.read_text().strip()
-    if not text:
-        common.fail(f"{path} is empty: write the words in it, or delete it for the default")
-    return text
 
 
 def motion_clips(motion):
@@ -185,9 +172,9 @@ def read_inputs(args):
         common.fail(f"{motion} holds neither frames nor video files nor frame folders")
     videos = torch.stack([common.read_video(c, args.frames, size, args.motion_start, args.motion_end,
                                             args.motion_stride) for c in clips])
-    class_word = args.class_word or read_text(folder / "prompt.txt", "object")
+    class_word = args.class_word or common.read_text(folder / "prompt.txt", "object")
     sidecar = motion.with_suffix(".txt") if motion.is_file() else motion / "caption.txt"
-    motion_caption = args.motion_caption or read_text(sidecar, "moving")
+    motion_caption = args.motion_caption or common.read_text(sidecar, "moving")
     subject = " ".join(w for w in ("a", args.placeholder, class_word) if w)  # code: 'A bear plushie.'
     if not args.prompt and args.model != "toy":  # a real caption names its own subject ('a person playing the flute')
         common.fail(f"--prompt is needed for a real model: the subject doing the motion, as the paper's prompts (e.g. "
@@ -207,7 +194,6 @@ def load_models(args, device, dtype):
     """ZeroScope/ModelScope (3D UNet, SD VAE, CLIP text encoder and tokenizer, DDIM) from a hub id / local folder,
     or the toy world's tiny UNet3D, VAE and CLIP for --model toy."""
     if args.model == "toy":
-        import toyworld
         m = dict(unet=toyworld.load_backbone("unet3d"), vae=toyworld.load_vae_for("unet3d"),
                  tokenizer=toyworld.tokenizer("clip"), text_encoder=toyworld.text_encoder("clip"),
                  scheduler=toyworld.noise_schedule("unet3d"))
@@ -576,7 +562,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.ablate:
         check_args(args)  # the table's own --seeds too, before its runs
-        return common.run_ablations(main, argv, ABLATIONS, args, "jointtuner", "; rows are cumulative")
+        return toyworld.run_ablations(main, argv, ABLATIONS, args, "jointtuner", "; rows are cumulative")
     images, videos, prompts, clips = read_inputs(args)
     if args.model != "toy":
         common.check_pretrained(args.model, "--model")
@@ -626,7 +612,8 @@ def main(argv=None):
                         generator=gen)
     z = sample(unet, m["scheduler"], text["sample"], text["negative"], noise.to(device), args.steps, args.cfg)
     video = torch.cat([decode_frames(m["vae"], zi[None]) for zi in z]).cpu()  # one at a time: a real decode is large
-    return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps, toy=args.model == "toy")
+    return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps,
+                               evaluate=toyworld.evaluate if args.model == "toy" else None)
 
 
 if __name__ == "__main__":

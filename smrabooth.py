@@ -22,7 +22,6 @@ CITATION.bib): the method (SuRA, MoRA, sparse injection, losses, hyperparameters
 import argparse
 import functools
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
+import toyworld
 
 # -----------------------------------------------------------------------------
 # settings: paper values as defaults; --model toy applies TOY on top
@@ -122,7 +122,7 @@ def parse_args(argv=None):
                    help="seeds for every other --ablate variant (0: base and full only)")
     args = p.parse_args(argv)
     if args.model == "toy":
-        common.apply_toy_preset(args, p, argv, TOY)
+        toyworld.apply_preset(args, p, argv, TOY)
     return args
 
 
@@ -139,9 +139,6 @@ def check_args(args):
     """Every flag in range before anything loads: floats finite; 0 training steps is the untrained base model
     (--ablate's "base"), LoRA scales 0 switch a LoRA off; Wan's VAE needs 4k+1 frames and, with the 2x2 patches,
     sizes that are multiples of 16 (8x VAE)."""
-    for name in [k for k, v in vars(args).items() if isinstance(v, float)]:
-        if not math.isfinite(getattr(args, name)):
-            common.fail(f"--{name.replace('_', '-')} must be a finite number (got {getattr(args, name)})")
     common.check_numbers(args, at_least_one=["subject_rank", "motion_rank", "proj_hidden", "batch", "steps",
                                              "num_samples", "max_text_len", "fps", "log_every", "save_every",
                                              "seeds", "motion_stride"],
@@ -172,16 +169,6 @@ def check_args(args):
         if odd:
             common.fail(f"{flag} {' '.join(map(repr, odd))}: each must end with a LoRA layer's name "
                         f"({', '.join(LORA_TARGETS)})")
-
-
-def read_text(path, default):
-    """A words file (prompt.txt, a caption) or the default when there is none; an empty file is an error."""
-    if not path.is_file():
-        return default
-    text = path.read_text().strip()
-    if not text:
-        common.fail(f"{path} is empty: write the words in it, or delete it for the default")
-    return text
 
 
 def read_inputs(args):
@@ -221,9 +208,9 @@ def read_inputs(args):
         common.fail(f"{motion} holds neither frames nor video files")
     videos = torch.stack([common.read_video(c, args.motion_frames, tuple(args.motion_size), args.motion_start,
                                             args.motion_end, args.motion_stride) for c in clips])
-    class_word = args.class_word or read_text(folder / "prompt.txt", "object")
+    class_word = args.class_word or common.read_text(folder / "prompt.txt", "object")
     sidecar = motion.with_suffix(".txt") if motion.is_file() else motion / "caption.txt"
-    motion_caption = args.motion_caption or read_text(sidecar, "moving")
+    motion_caption = args.motion_caption or common.read_text(sidecar, "moving")
     prompts = dict(subject=f"a picture of {args.placeholder} {class_word}", motion=motion_caption,
                    sample=args.prompt or f"a {args.placeholder} {class_word} {motion_caption}")
     if args.placeholder not in prompts["sample"].split():
@@ -249,7 +236,6 @@ def load_models(args, device, dtype):
     from hub ids / local folders, or the toy world's tiny models and stand-ins for --model toy."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     if args.model == "toy":
-        import toyworld
         m = dict(transformer=toyworld.load_backbone("wan"), vae=toyworld.load_vae_for("wan"),
                  tokenizer=toyworld.tokenizer("t5"), text_encoder=toyworld.text_encoder("umt5"),
                  dino=toyworld.image_encoder("dinov2"), flow=toyworld.toy_flow,  # stand-ins for DINOv2 and RAFT
@@ -582,10 +568,7 @@ def lora_file(out, name):
 def save_lora(m, name, out):
     """Written beside and moved into place (common.save_atomic): a crash never leaves half a LoRA file."""
     from diffusers import WanPipeline
-    from peft.utils import get_peft_model_state_dict
-    common.save_atomic(get_peft_model_state_dict(m["transformer"], adapter_name=name), lora_file(out, name),
-                       lambda sd, q: WanPipeline.save_lora_weights(str(Path(q).parent), transformer_lora_layers=sd,
-                                                                   weight_name=Path(q).name))
+    common.save_lora(WanPipeline, m["transformer"], name, lora_file(out, name))
 
 
 def check_saved_loras(out):
@@ -649,7 +632,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.ablate:
         check_args(args)  # the table's own --seeds too, before its runs
-        return common.run_ablations(main, argv, ABLATIONS, args, "smrabooth", "")
+        return toyworld.run_ablations(main, argv, ABLATIONS, args, "smrabooth", "")
     images, masks, videos, prompts = read_inputs(args)
     if args.model != "toy":
         common.check_pretrained(args.model, "--model")
@@ -716,7 +699,8 @@ def main(argv=None):
                on_step=lambda i, n: set_injection(layers, args, i, n))
     video = torch.stack([m["vae"].decode(unnormalize(m["vae"], zi[None].to(torch.float32))).sample[0].transpose(0, 1)
                          .float().cpu() for zi in z])  # one at a time: a real VAE decode is large
-    return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps, toy=args.model == "toy")
+    return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps,
+                               evaluate=toyworld.evaluate if args.model == "toy" else None)
 
 
 if __name__ == "__main__":

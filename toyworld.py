@@ -21,6 +21,8 @@ import copy
 import json
 import math
 import os
+import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -875,6 +877,73 @@ def prompt_following(video, concept):
            for k in FACTORS + ("background",)}
     got["motion"] = classify_motion(centroids(segment(video)[1]))
     return {k: got[k] == concept[k] for k in got if k in concept}
+
+
+# -----------------------------------------------------------------------------
+# the methods in the toy world: --model toy's settings and parts, and the ablation tables (toy-only tooling)
+
+
+def apply_preset(args, parser, argv, preset):
+    """--model toy: the toy world's sizes and steps on top of the paper defaults (a flag given in argv stays, even
+    when its value is the paper default), and the bundled toy subject and motion when none is given."""
+    probe = copy.deepcopy(parser)  # the same parser with no defaults parses argv to exactly the flags given
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(probe.parse_args(argv))
+    for k, v in preset.items():
+        if k not in given:
+            setattr(args, k, v)
+    args.subject = args.subject or str(ASSETS / "toy" / "subject")
+    args.motion = args.motion or str(ASSETS / "toy" / "motion")
+
+
+def cogvideox_parts(dtype=torch.float32):
+    """The toy CogVideoX as common.load_cogvideox returns the real one (the VAE stays fp32, as the methods keep it)."""
+    return dict(transformer=load_backbone("cogvideox").to(dtype), vae=load_vae_for("cogvideox"),
+                tokenizer=tokenizer("t5"), text_encoder=text_encoder("t5").to(dtype),
+                scheduler=noise_schedule("cogvideox"))
+
+
+def slug(name):
+    """A variant's folder name: '-LoRA Gating' -> 'no_lora_gating', 'inject all (Comb. 1)' -> 'inject_all'."""
+    name = "no " + name[1:] if name.startswith("-") else name.split(" (")[0]
+    return "_".join("".join(ch if ch.isalnum() else " " for ch in name.lower()).split())
+
+
+def run_ablations(main, argv, variants, args, method, note=""):
+    """Run a method's main() for every variant under args.out/ablations/<variant>/seed<k>/, keep each
+    metrics.json under results/<method>/ (committed, so tables can be remade without training) and print one
+    markdown table of mean +- std over seeds. The first two variants are the base model and the full method and
+    get args.seeds seeds, the others args.ablation_seeds (CPU time is short; 0 leaves them out). A variant whose
+    flags hold --sample-only changes only sampling: it starts from a copy of the full method's run of the same
+    seed, so it reuses those trained adapters. The tables are the toy world's (its metrics need its renderer)."""
+    if args.model != "toy":
+        common.fail("--ablate runs the toy world's table: use it with --model toy")
+    out, full = Path(args.out), slug(list(variants)[1])
+    rest, rows = [a for a in argv if a != "--ablate"], {}
+    for i, (name, flags) in enumerate(variants.items()):
+        n = args.seeds if i < 2 else min(args.ablation_seeds, args.seeds)
+        if n:  # --ablation-seeds 0: only the base model and the full method
+            rows[name] = []
+        for seed in range(n):
+            run = out / "ablations" / slug(name) / f"seed{seed}"
+            shutil.rmtree(run, ignore_errors=True)  # each variant's run is made afresh
+            if "--sample-only" in flags:
+                shutil.copytree(out / "ablations" / full / f"seed{seed}", run)
+            rows[name].append(main(rest + flags + ["--seed", str(seed), "--out", str(run)]))
+            kept = Path("results") / method / slug(name) / f"seed{seed}" / "metrics.json"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text((run / "metrics.json").read_text())
+    keys = list(rows[next(iter(rows))][0])
+    lines = ["| variant | seeds | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 2)]
+    for name, runs in rows.items():
+        cell = (lambda k: f"{statistics.mean(r[k] for r in runs):.3f}" + (
+            f" +- {statistics.pstdev(r[k] for r in runs):.3f}" if len(runs) > 1 else ""))
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cell(k) for k in keys) + " |")
+    table = "\n".join(lines) + f"\n\nmean +- std over seeds{note}."
+    (Path(out) / "ablations" / "table.md").write_text(table + "\n")
+    print(table)
+    return rows
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,5 @@
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -116,7 +115,7 @@ def test_lora_scales_per_layer_and_save_load(tmp_path):
         assert m.scaling["subject"] == (0.5 if n.endswith("to_q") else 0.0)
     for p in params:
         torch.nn.init.normal_(p)
-    common.save_lora(WanPipeline, model, "subject", tmp_path / "subject_lora")
+    common.save_lora(WanPipeline, model, "subject", tmp_path / "subject_lora" / "pytorch_lora_weights.safetensors")
     fresh = tw.build_backbone("wan")
     fresh.load_lora_adapter(str(tmp_path / "subject_lora"), weight_name="pytorch_lora_weights.safetensors",
                             adapter_name="subject")
@@ -143,59 +142,13 @@ def test_step_log_writes_jsonl(tmp_path, capsys):
     assert [json.loads(l)["step"] for l in (tmp_path / "log.jsonl").read_text().splitlines()] == [2]
 
 
-def test_run_ablations_seeds_and_sample_only_reuse(tmp_path, monkeypatch):
-    """Base and full get --seeds seeds, the rest --ablation-seeds; a --sample-only variant starts from a copy of
-    the full run of its seed (the fake main below fails if the trained file is missing)."""
-    monkeypatch.chdir(tmp_path)
-    calls = []
-
-    def fake_main(argv):
-        out, seed = Path(argv[argv.index("--out") + 1]), int(argv[argv.index("--seed") + 1])
-        if "--sample-only" in argv:
-            assert (out / "trained.txt").read_text() == f"full {seed}"   # the full run's adapters, same seed
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "trained.txt").write_text(f"{'full' if '--x' not in argv else 'x'} {seed}")
-        calls.append((argv, seed))
-        metrics = dict(identity=float(seed), motion=1.0)
-        (out / "metrics.json").write_text(json.dumps(metrics))
-        return metrics
-
-    args = argparse.Namespace(model="toy", seeds=3, ablation_seeds=1, out=str(tmp_path / "o"))
-    variants = {"base": ["--x"], "full": [], "later": ["--sample-only", "--late"], "other": ["--x", "--y"]}
-    rows = common.run_ablations(fake_main, ["--model", "toy", "--ablate"], variants, args, "m")
-    assert [len(rows[k]) for k in variants] == [3, 3, 1, 1]
-    assert all("--ablate" not in a for a, _ in calls)
-    assert (tmp_path / "results" / "m" / "later" / "seed0" / "metrics.json").is_file()
-    table = (tmp_path / "o" / "ablations" / "table.md").read_text()
-    assert "| full | 3 | 1.000 +- 0.816 | 1.000 +- 0.000 |" in table and "| later | 1 | 0.000 | 1.000 |" in table
-    args.seeds, args.ablation_seeds = 1, 0
-    assert list(common.run_ablations(fake_main, ["--model", "toy"], variants, args, "m")) == ["base", "full"]
-    with pytest.raises(SystemExit):
-        common.run_ablations(fake_main, [], variants, argparse.Namespace(model="x", seeds=1, ablation_seeds=1,
-                                                                         out="o"), "m")
-
-
-def test_toy_preset_keeps_every_flag_given_even_at_its_default():
-    p = argparse.ArgumentParser()
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--subject")
-    p.add_argument("--motion")
-    for argv, want in [([], (1e-3, 20)), (["--lr", "1e-4"], (1e-4, 20)), (["--steps", "7"], (1e-3, 7))]:
-        args = p.parse_args(argv)
-        common.apply_toy_preset(args, p, argv, dict(lr=1e-3, steps=20))
-        assert (args.lr, args.steps) == want, argv
-        assert args.subject.endswith("subject") and args.motion.endswith("motion")
-
-
 def test_write_result_toy_metrics_are_the_mean_over_samples(tmp_path):
     images, _ = tw.subject_images()
     motion = tw.motion_clip()
     ideal = tw.render([dict(tw.SUBJECT, motion="zigzag", background="white")], torch.Generator())[0]
     blank = torch.zeros_like(ideal)  # a plain gray clip: no sprite, identity 0
-    one = common.write_result(tmp_path / "a", ideal[None], images, motion, "p", 4, toy=True)
-    two = common.write_result(tmp_path / "b", torch.stack([ideal, blank]), images, motion, "p", 4, toy=True)
+    one = common.write_result(tmp_path / "a", ideal[None], images, motion, "p", 4, evaluate=tw.evaluate)
+    two = common.write_result(tmp_path / "b", torch.stack([ideal, blank]), images, motion, "p", 4, evaluate=tw.evaluate)
     assert one["identity"] == 1.0 and two["identity"] == 0.5
     assert (tmp_path / "b" / "result" / "008.png").is_file()  # the first sample's frames
     grid = common.read_video(tmp_path / "b" / "result_grid.mp4", 9)

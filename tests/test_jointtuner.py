@@ -424,8 +424,8 @@ def test_every_ablation_row_is_a_valid_cumulative_flag_set():
     last = rows["-Joint Training"]
     assert (last["offset_noise"], last["no_gate"], last["separate_lora"], last["two_stage"]) == \
         ("none", True, True, True)
-    assert len({common.slug(n) for n in jt.ABLATIONS}) == len(jt.ABLATIONS)
-    assert common.slug("-LoRA Gating") == "no_lora_gating" and common.slug("Noise-Frame (full)") == "noise_frame"
+    assert len({tw.slug(n) for n in jt.ABLATIONS}) == len(jt.ABLATIONS)
+    assert tw.slug("-LoRA Gating") == "no_lora_gating" and tw.slug("Noise-Frame (full)") == "noise_frame"
 
 
 def test_ablate_runs_every_row_and_writes_the_table(tmp_path, monkeypatch, capsys):
@@ -433,7 +433,7 @@ def test_ablate_runs_every_row_and_writes_the_table(tmp_path, monkeypatch, capsy
     rows = jt.main(["--model", "toy", "--ablate", "--seeds", "1", "--iterations", "2", "--steps", "2"])
     assert list(rows) == list(jt.ABLATIONS)
     for name in jt.ABLATIONS:
-        assert (tmp_path / "results" / "jointtuner" / common.slug(name) / "seed0" / "metrics.json").is_file(), name
+        assert (tmp_path / "results" / "jointtuner" / tw.slug(name) / "seed0" / "metrics.json").is_file(), name
     table = (tmp_path / "out" / "jointtuner" / "ablations" / "table.md").read_text()
     assert table.count("\n| ") == len(jt.ABLATIONS) + 1 and "| -Joint Training | " in capsys.readouterr().out
     cfg = json.loads((tmp_path / "out/jointtuner/ablations/no_joint_training/seed0/config.json").read_text())

@@ -1,4 +1,6 @@
+import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,3 +305,49 @@ def test_shapes_are_recognised_on_blurred_and_noisy_stills():
                     lambda x: (x + 0.2 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)):
         hits = [tw.prompt_following(degrade(x), c)["shape"] for x, c in zip(stills, concepts)]
         assert sum(hits) / len(hits) >= 0.75
+
+
+def test_run_ablations_seeds_and_sample_only_reuse(tmp_path, monkeypatch):
+    """Base and full get --seeds seeds, the rest --ablation-seeds; a --sample-only variant starts from a copy of
+    the full run of its seed (the fake main below fails if the trained file is missing)."""
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_main(argv):
+        out, seed = Path(argv[argv.index("--out") + 1]), int(argv[argv.index("--seed") + 1])
+        if "--sample-only" in argv:
+            assert (out / "trained.txt").read_text() == f"full {seed}"   # the full run's adapters, same seed
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "trained.txt").write_text(f"{'full' if '--x' not in argv else 'x'} {seed}")
+        calls.append((argv, seed))
+        metrics = dict(identity=float(seed), motion=1.0)
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    args = argparse.Namespace(model="toy", seeds=3, ablation_seeds=1, out=str(tmp_path / "o"))
+    variants = {"base": ["--x"], "full": [], "later": ["--sample-only", "--late"], "other": ["--x", "--y"]}
+    rows = tw.run_ablations(fake_main, ["--model", "toy", "--ablate"], variants, args, "m")
+    assert [len(rows[k]) for k in variants] == [3, 3, 1, 1]
+    assert all("--ablate" not in a for a, _ in calls)
+    assert (tmp_path / "results" / "m" / "later" / "seed0" / "metrics.json").is_file()
+    table = (tmp_path / "o" / "ablations" / "table.md").read_text()
+    assert "| full | 3 | 1.000 +- 0.816 | 1.000 +- 0.000 |" in table and "| later | 1 | 0.000 | 1.000 |" in table
+    args.seeds, args.ablation_seeds = 1, 0
+    assert list(tw.run_ablations(fake_main, ["--model", "toy"], variants, args, "m")) == ["base", "full"]
+    with pytest.raises(SystemExit):
+        tw.run_ablations(fake_main, [], variants, argparse.Namespace(model="x", seeds=1, ablation_seeds=1,
+                                                                         out="o"), "m")
+
+
+def test_toy_preset_keeps_every_flag_given_even_at_its_default():
+    p = argparse.ArgumentParser()
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--subject")
+    p.add_argument("--motion")
+    for argv, want in [([], (1e-3, 20)), (["--lr", "1e-4"], (1e-4, 20)), (["--steps", "7"], (1e-3, 7))]:
+        args = p.parse_args(argv)
+        tw.apply_preset(args, p, argv, dict(lr=1e-3, steps=20))
+        assert (args.lr, args.steps) == want, argv
+        assert args.subject.endswith("subject") and args.motion.endswith("motion")
