@@ -1,4 +1,4 @@
-"""bench.py: speed and memory of the four methods at their papers' sizes (spec: shared/specs/performance.md).
+"""bench.py: speed and memory of the four methods at their papers' sizes, measured on a GPU or estimated on the CPU.
 
 Each backbone is built at its REAL size from its config, with random weights, directly on the GPU (speed and
 memory do not depend on the weights' values, and nothing is downloaded). The method's adapters are attached by the
