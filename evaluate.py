@@ -622,8 +622,8 @@ def main(argv=None):
             common.fail(f"no video or frame folder at {v}")
 
     # which metrics: asked, or all that the inputs allow; inputs checked before any model loads
+    import toyworld as tw
     if args.toy:
-        import toyworld as tw
         args.subject = args.subject or str(tw.ASSETS / "toy" / "subject")
         args.motion = args.motion or str(tw.ASSETS / "toy" / "motion")
     have = dict(clip_t=args.prompt, clip_i=args.subject, dino_i=args.subject, motion_fidelity=args.motion,
@@ -642,6 +642,8 @@ def main(argv=None):
     prompts = (args.prompt or [None]) * (len(args.videos) if not args.prompt or len(args.prompt) == 1 else 1)
     images = read_subject(args.subject) if args.subject else None
     ref = read_frames(args.motion)[0] if args.motion else None
+    if "toy" in todo and len(ref) < tw.NUM_FRAMES:  # as `toyworld.py eval`: the reference motion's 9 frames
+        common.fail(f"--motion {args.motion} has {len(ref)} frame(s): the toy metrics need {tw.NUM_FRAMES}")
     args.flow = args.flow or ("raft" if args.raft_weights else "toy")
     flow = "toyworld.toy_flow" if args.flow == "toy" else f"torchvision raft_large ({args.raft_weights})"
     tracker = f"CoTracker ({args.cotracker})" if args.cotracker else f"integrated optical flow: {flow}"

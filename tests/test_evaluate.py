@@ -260,6 +260,17 @@ def test_missing_model_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
         assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
 
 
+def test_toy_metrics_need_the_reference_motions_frames_as_toyworld_eval(tmp_path, capsys):
+    common.write_frames(tmp_path / "v", tw.motion_clip())
+    common.write_frames(tmp_path / "one", tw.motion_clip()[:1])
+    for run in (lambda: ev.main([str(tmp_path / "v"), "--toy", "--motion", str(tmp_path / "one")]),
+                lambda: tw.main(["eval", str(tmp_path / "v"), "--motion", str(tmp_path / "one")])):
+        with pytest.raises(SystemExit) as e:
+            run()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "frame" in err
+
+
 def test_cli_toy_world_metrics_to_json(tmp_path):
     gen = torch.Generator().manual_seed(0)
     clip = tw.render([dict(tw.SUBJECT, motion="zigzag", background="white")], gen)[0]
