@@ -318,40 +318,6 @@ class FolderData:
         return torch.stack([g[0] for g in got]), [g[1] for g in got]
 
 
-def toy_prompt(c, image=False):
-    """Toy prompts name neither the sprite's colour, shape nor pattern: '<cls>' stands for the subject, so identity
-    must come from the reference tokens ('a picture of a <cls> on a white background')."""
-    import toyworld
-    if image:
-        return f"a picture of a {CLS} on a {c['background']} background"
-    return f"a {CLS} {toyworld.MOTION_WORDS[c['motion']]} on a {c['background']} background"
-
-
-class ToyData:
-    """Subject-image pairs: the same sprite (pretraining shapes/patterns only) in two scenes (another background
-    and position); unpaired videos: random pretraining concepts moving. All rendered once, in memory."""
-
-    def __init__(self, n_pairs, n_videos, seed):
-        import toyworld as tw
-        gen = torch.Generator().manual_seed(1000 + seed)
-        bgs = list(tw.BACKGROUNDS)
-        cs = tw.random_concepts(n_pairs, gen)
-        other = [dict(c, background=bgs[(bgs.index(c["background"]) + 1 + int(torch.randint(len(bgs) - 1, (1,),
-                                          generator=gen))) % len(bgs)]) for c in cs]
-        still = lambda xs: [dict(c, motion="still") for c in xs]
-        self.ref = tw.render(still(cs), gen, frames=1)[:, 0]
-        self.target = tw.render(still(other), gen, frames=1)[:, 0]
-        self.prompts = [toy_prompt(c, image=True) for c in other]
-        vs = tw.random_concepts(n_videos, gen)
-        self.clips, self.captions = tw.render(vs, gen), [toy_prompt(c) for c in vs]
-        self.pairs, self.videos = self.prompts, self.captions  # lengths
-
-    def pair_batch(self, idx, gen):
-        return self.ref[idx], self.target[idx], [self.prompts[i] for i in idx.tolist()]
-
-    def video_batch(self, idx, gen):
-        return self.clips[idx], [self.captions[i] for i in idx.tolist()]
-
 # -----------------------------------------------------------------------------
 # backbone and adapters: CogVideoX, <cls>, the LoRA, and the transformer's forward with reference tokens
 
@@ -686,13 +652,6 @@ def generate(m, image, prompt, args, seed):
     return decode_video(vae, z)[0].cpu().clamp(-1, 1)
 
 
-# held-out toy subjects: novel shapes/patterns never in training (toyworld.SUBJECT first), each with a prompt
-TOY_HELDOUT = [dict(colour="yellow", shape="star", pattern="dotted", background="white", motion="right"),
-               dict(colour="red", shape="ring", pattern="solid", background="black", motion="down"),
-               dict(colour="green", shape="square", pattern="dotted", background="white", motion="left"),
-               dict(colour="blue", shape="star", pattern="striped", background="black", motion="circle")]
-
-
 def write_results(out, video, fps, upscale, grid=None, metrics=None):
     """result/ (PNG frames), result.mp4 and, in the toy world, result_grid.mp4 and metrics.json: written beside
     (.result.tmp), then moved into place, so a crash while writing leaves the earlier result whole."""
@@ -712,25 +671,10 @@ def write_results(out, video, fps, upscale, grid=None, metrics=None):
 
 
 def toy_eval(m, args, out):
-    """Sample each held-out sprite from a reference image (its own scene) into a video on a gray background;
-    identity = factor match against the reference's recognised factors; dynamics = mean sprite speed."""
-    import toyworld as tw
-    rows, videos, refs = [], [], []
-    for i, c in enumerate(TOY_HELDOUT):
-        ref = tw.render([dict(c, motion="still")], torch.Generator().manual_seed(i), frames=1)[0, 0]
-        prompt = toy_prompt(dict(c, background="gray"))
-        video = generate(m, ref, prompt, args, args.seed + i)
-        traj = tw.centroids(tw.segment(video)[1])
-        template = tw.trajectory(c["motion"], 1, torch.Generator().manual_seed(0))[0]  # the prompt's motion
-        rows.append(dict(identity=tw.factor_match(video, tw.reference_factors([ref])), dynamics=tw.dynamics(traj),
-                         motion=tw.motion_score(traj, template)))
-        videos.append(video)
-        refs.append(ref[None].expand_as(video))
-        print(f"held-out {c['colour']} {c['pattern']} {c['shape']}: {prompt!r}: " +
-              ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()))
-    metrics = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-    write_results(out, videos[0], args.fps, 8, common.side_by_side(refs + videos), metrics)
-    print("toy metrics (mean over held-out sprites): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    """The held-out toy sprites (toyworld.heldout_eval), each sampled from one reference image, into --out."""
+    metrics, video, grid = toyworld.heldout_eval(lambda ref, prompt, seed: generate(m, ref, prompt, args, seed),
+                                                 args.seed)
+    write_results(out, video, args.fps, 8, grid, metrics)
     return metrics
 
 
@@ -898,7 +842,8 @@ def main(argv=None):
         row = read_cls(args.ckpt, args.model)
         image = common.read_image(args.image, (args.height, args.width)) if args.image else None  # training size
     else:
-        data = FolderData(args) if args.mode == "train" else ToyData(args.toy_pairs, args.toy_videos, args.seed)
+        data = (FolderData(args) if args.mode == "train"
+                else toyworld.PairVideoData(args.toy_pairs, args.toy_videos, args.seed))
         state = common.load_checkpoint(out / "ckpt.pt") if args.resume else {}
     device, dtype = common.device_and_dtype(args.dtype)
     rank, world, device = ddp_setup(device)  # before loading: each rank's weights on its own GPU

@@ -947,6 +947,72 @@ def run_ablations(main, argv, variants, args, method, note=""):
 
 
 # -----------------------------------------------------------------------------
+# dual_task_sdv's toy data: subject-image pairs and unpaired videos in memory, and the held-out sprites it is
+# measured on (sampled from one reference image each, never trained on)
+
+
+def cls_prompt(c, image=False):
+    """Toy prompts name neither the sprite's colour, shape nor pattern: '<cls>' stands for the subject, so identity
+    must come from the reference tokens ('a picture of a <cls> on a white background')."""
+    if image:
+        return f"a picture of a <cls> on a {c['background']} background"
+    return f"a <cls> {MOTION_WORDS[c['motion']]} on a {c['background']} background"
+
+
+class PairVideoData:
+    """Subject-image pairs: the same sprite (pretraining shapes/patterns only) in two scenes (another background
+    and position); unpaired videos: random pretraining concepts moving. All rendered once, in memory."""
+
+    def __init__(self, n_pairs, n_videos, seed):
+        gen = torch.Generator().manual_seed(1000 + seed)
+        bgs = list(BACKGROUNDS)
+        cs = random_concepts(n_pairs, gen)
+        other = [dict(c, background=bgs[(bgs.index(c["background"]) + 1 + int(torch.randint(len(bgs) - 1, (1,),
+                                          generator=gen))) % len(bgs)]) for c in cs]
+        still = lambda xs: [dict(c, motion="still") for c in xs]
+        self.ref = render(still(cs), gen, frames=1)[:, 0]
+        self.target = render(still(other), gen, frames=1)[:, 0]
+        self.pairs = [cls_prompt(c, image=True) for c in other]  # one prompt per pair
+        vs = random_concepts(n_videos, gen)
+        self.clips, self.videos = render(vs, gen), [cls_prompt(c) for c in vs]  # one caption per video
+
+    def pair_batch(self, idx, gen):
+        return self.ref[idx], self.target[idx], [self.pairs[i] for i in idx.tolist()]
+
+    def video_batch(self, idx, gen):
+        return self.clips[idx], [self.videos[i] for i in idx.tolist()]
+
+
+# novel shapes/patterns never in training (SUBJECT first), each with a motion and a background for its reference
+HELDOUT_SUBJECTS = [dict(colour="yellow", shape="star", pattern="dotted", background="white", motion="right"),
+                    dict(colour="red", shape="ring", pattern="solid", background="black", motion="down"),
+                    dict(colour="green", shape="square", pattern="dotted", background="white", motion="left"),
+                    dict(colour="blue", shape="star", pattern="striped", background="black", motion="circle")]
+
+
+def heldout_eval(generate, seed):
+    """generate(reference (3, H, W), prompt, seed) -> video, for each held-out sprite from a reference image (its own
+    scene) to a video on a gray background; identity = factor match against the reference's recognised factors;
+    dynamics = mean sprite speed; motion = against the prompt's motion. -> (mean metrics, first video, grid)."""
+    rows, videos, refs = [], [], []
+    for i, c in enumerate(HELDOUT_SUBJECTS):
+        ref = render([dict(c, motion="still")], torch.Generator().manual_seed(i), frames=1)[0, 0]
+        prompt = cls_prompt(dict(c, background="gray"))
+        video = generate(ref, prompt, seed + i)
+        traj = centroids(segment(video)[1])
+        template = trajectory(c["motion"], 1, torch.Generator().manual_seed(0))[0]  # the prompt's motion
+        rows.append(dict(identity=factor_match(video, reference_factors([ref])), dynamics=dynamics(traj),
+                         motion=motion_score(traj, template)))
+        videos.append(video)
+        refs.append(ref[None].expand_as(video))
+        print(f"held-out {c['colour']} {c['pattern']} {c['shape']}: {prompt!r}: " +
+              ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()))
+    metrics = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    print("toy metrics (mean over held-out sprites): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return metrics, videos[0], common.side_by_side(refs + videos)
+
+
+# -----------------------------------------------------------------------------
 # bundled assets and the command line
 
 

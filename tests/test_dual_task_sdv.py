@@ -345,7 +345,7 @@ def test_train_mode_on_folders_with_the_toy_backbone(tmp_path, capsys):
     lines = []
     for i, im in enumerate(imgs):
         common.write_frames(pairs / f"s{i}", im[None])
-        lines.append(json.dumps(dict(ref=f"s{i}/000.png", target=f"s{i}/000.png", prompt=dts.toy_prompt(
+        lines.append(json.dumps(dict(ref=f"s{i}/000.png", target=f"s{i}/000.png", prompt=tw.cls_prompt(
             dict(c[i], motion="still"), image=True))))
     side = torch.cat([imgs[0], imgs[1]], -1)  # a Subject200K-style composite: left = ref, right = target
     common.write_frames(pairs / "side", side[None])
@@ -354,7 +354,7 @@ def test_train_mode_on_folders_with_the_toy_backbone(tmp_path, capsys):
     clips = tw.render(c)
     for i, v in enumerate(clips):
         common.write_video(vids / f"v{i}.gif", v, 4)
-        (vids / f"v{i}.txt").write_text(dts.toy_prompt(c[i]))
+        (vids / f"v{i}.txt").write_text(tw.cls_prompt(c[i]))
     data = dts.FolderData(argparse.Namespace(pairs=pairs, videos=vids, height=32, width=32, frames=9, fps=4,
                                              max_bad=0.0, crop_jitter=0.0, no_train_cls=False))
     ref, target, _ = data.pair_batch(torch.tensor([3]), None)
@@ -436,8 +436,8 @@ def test_adding_cls_never_shrinks_the_t5_embedding_matrix():
 def test_gradient_analysis_measures_on_a_disjoint_validation_split(tmp_path, monkeypatch):
     drawn = {"pair_batch": [], "video_batch": []}
     for name in drawn:
-        real = getattr(dts.ToyData, name)
-        monkeypatch.setattr(dts.ToyData, name, lambda self, idx, gen, name=name, real=real:
+        real = getattr(tw.PairVideoData, name)
+        monkeypatch.setattr(tw.PairVideoData, name, lambda self, idx, gen, name=name, real=real:
                             drawn[name].append(set(idx.tolist())) or real(self, idx, gen))
     dts.main(FAST + ["--out", str(tmp_path), "--grad-every", "2", "--p", "0.5"])
     for name, sets in drawn.items():
