@@ -41,8 +41,9 @@ def test_tiny_runs_every_method(tmp_path):
 def test_methods_flag_selects(tmp_path):
     rows = bench.main(["--tiny", "--methods", "dualreal"])
     assert {r["method"] for r in rows} == {"dualreal"}
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         bench.main(["--tiny", "--methods", "nosuch"])
+    assert e.value.code == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")

@@ -335,8 +335,9 @@ def test_paired_comparison_by_hand(tmp_path):
     # leakage is lower-is-better: A - B = 0.1, 0.05, 0.1 -> mean 0.0833, SE 0.0289 / sqrt(3) = 0.0167
     leak = res["leakage"]
     assert leak["diff"] == pytest.approx(0.25 / 3) and leak["ahead"] == 3 and leak["beats"]
-    with pytest.raises(SystemExit):   # one seed has no standard error
+    with pytest.raises(SystemExit) as e:   # one seed has no standard error
         ev.paired(tmp_path / "base", tmp_path / "nothing")
+    assert e.value.code == 2
 
 
 def test_grad_cosine_draws_the_gradient_logs_of_two_runs(tmp_path, capsys):

@@ -335,9 +335,10 @@ def test_run_ablations_seeds_and_sample_only_reuse(tmp_path, monkeypatch):
     assert "| full | 3 | 1.000 +- 0.816 | 1.000 +- 0.000 |" in table and "| later | 1 | 0.000 | 1.000 |" in table
     args.seeds, args.ablation_seeds = 1, 0
     assert list(tw.run_ablations(fake_main, ["--model", "toy"], variants, args, "m")) == ["base", "full"]
-    with pytest.raises(SystemExit):
-        tw.run_ablations(fake_main, [], variants, argparse.Namespace(model="x", seeds=1, ablation_seeds=1,
-                                                                         out="o"), "m")
+    with pytest.raises(SystemExit) as e:
+        tw.run_ablations(fake_main, [], variants, argparse.Namespace(model="x", seeds=1, ablation_seeds=1, out="o"),
+                         "m")
+    assert e.value.code == 2
 
 
 def test_toy_preset_keeps_every_flag_given_even_at_its_default():
