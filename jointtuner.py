@@ -7,8 +7,8 @@ steps alternate between the subject photos, repeated into still pseudo-videos an
 target is the noise plus a frame-wise offset noise (one spatial noise map shared by all frames), so that the
 adapters learn how things move rather than what the reference video looks like. Sampling is plain DDIM.
 
-    # a real run (the paper reports 17 GB; the official code trains in fp16 with gradient checkpointing: add
-    # --grad-ckpt; weights from the hub cache or local folders, nothing is downloaded here)
+    # a real run (`python bench.py --estimate`: ~16 GB with --grad-ckpt, ~36 GB without; the paper reports 17 GB;
+    # weights from the hub cache or local folders, nothing is downloaded here)
     python jointtuner.py --subject photos/ --motion flute.mp4 --prompt "a sks dog playing the flute in the snow"
     # the toy world on a CPU in minutes (toy 3D UNet, bundled toy subject and motion)
     python jointtuner.py --model toy
@@ -102,6 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="check inputs, print the plan, load nothing")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--sample-every", type=int, default=250, help="write a sample (fixed seed) to --out/samples/ every "
+                                                                 "this many iterations (0: never)")
     p.add_argument("--ablate", action="store_true", help="toy world: run the base model and Table 3's rows "
                                                          "(--seeds, --ablation-seeds), and print the table")
     p.add_argument("--seeds", type=int, default=3, help="seeds for the base model and the full method in --ablate")
@@ -128,7 +130,8 @@ def check_args(args):
     "base"); a motion needs 2 or more frames; sizes are multiples of 8 (the SD VAE's 8x; the UNet pads the rest)."""
     common.check_numbers(args, at_least_one=["rank", "batch", "steps", "num_samples", "max_text_len", "fps",
                                              "log_every", "save_every", "seeds", "motion_stride"],
-                         at_least_zero=["iterations", "motion_start", "weight_decay", "cfg", "ablation_seeds"],
+                         at_least_zero=["iterations", "sample_every", "motion_start", "weight_decay", "cfg",
+                                        "ablation_seeds"],
                          positive=["lr", "ait_lambda"], unit=["hflip", "dropout"])
     if args.frames < 2:
         common.fail(f"--frames {args.frames}: a motion needs 2 or more frames (the paper: 16)")
@@ -445,6 +448,17 @@ def sample(unet, scheduler, text, uncond, latents, steps, cfg):
     return z
 
 
+def generate(m, text, args, n):
+    """n videos (n, F, 3, H, W) of the sample prompt from fixed noise (--seed): DDIM with guidance, no LoRA dropout."""
+    unet, vae = m["unet"], m["vae"]
+    unet.eval()
+    s = 2 ** (len(vae.config.block_out_channels) - 1)
+    noise = torch.randn(n, unet.config.in_channels, args.frames, args.height // s, args.width // s,
+                        generator=torch.Generator().manual_seed(args.seed))
+    z = sample(unet, m["scheduler"], text["sample"], text["negative"], noise.to(unet.device), args.steps, args.cfg)
+    return torch.cat([decode_frames(vae, zi[None]) for zi in z]).cpu()  # one at a time: a real decode is large
+
+
 # -----------------------------------------------------------------------------
 # training: Algorithm 1 (joint, alternating) or Algorithm 2 (--two-stage)
 
@@ -456,9 +470,10 @@ def is_image_step(step, iterations, two_stage):
     return step < (iterations + 1) // 2 if two_stage else step % 2 == 0
 
 
-def train(unet, alphas_cumprod, adapters, lat, text, args, state, out):
+def train(unet, alphas_cumprod, adapters, lat, text, args, state, out, preview=None):
     """`lat`: image latents (2, K, C, 1, h, w) (photos and their mirror images) and video latents (M, C, N, h, w);
-    resumable from state['step'] with the optimiser, batch/noise generator and global RNG of the checkpoint."""
+    resumable from state['step'] with the optimiser, batch/noise generator and global RNG of the checkpoint.
+    preview(step) writes a sample every --sample-every iterations."""
     groups = trainable(adapters, args.separate_lora)
     opt = torch.optim.AdamW(list(dict.fromkeys(groups["image"] + groups["video"])), lr=args.lr,
                             weight_decay=args.weight_decay)
@@ -492,6 +507,11 @@ def train(unet, alphas_cumprod, adapters, lat, text, args, state, out):
         log(step + 1, bar, **last)
         if (step + 1) % args.save_every == 0 and step + 1 < args.iterations:
             save_state(out, unet, step + 1, opt, gen)
+        if preview and args.sample_every and (step + 1) % args.sample_every == 0:
+            for a in stage_two:  # the sample uses every adapter, as the final one; the next video step turns them off
+                a.enabled = True
+            preview(step + 1)
+            unet.train()
     for a in adapters.values():
         a.enabled = True
     unet.eval()
@@ -602,16 +622,12 @@ def main(argv=None):
                    video=encode_frames(m["vae"], videos.to(device)))
         if state:
             load_state(state, unet)
-        train(unet, m["scheduler"].alphas_cumprod, adapters, lat, text, args, state, out)
+        preview = lambda step: common.write_preview(out, step, generate(m, text, args, 1)[0], args.fps,
+                                                    toy=args.model == "toy")
+        train(unet, m["scheduler"].alphas_cumprod, adapters, lat, text, args, state, out, preview)
         save_adapters(unet, out / "adapters.safetensors", args)
 
-    # sample: DDIM with guidance, a fixed seed
-    gen = torch.Generator().manual_seed(args.seed)
-    s = 2 ** (len(m["vae"].config.block_out_channels) - 1)
-    noise = torch.randn(args.num_samples, unet.config.in_channels, args.frames, args.height // s, args.width // s,
-                        generator=gen)
-    z = sample(unet, m["scheduler"], text["sample"], text["negative"], noise.to(device), args.steps, args.cfg)
-    video = torch.cat([decode_frames(m["vae"], zi[None]) for zi in z]).cpu()  # one at a time: a real decode is large
+    video = generate(m, text, args, args.num_samples)
     return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps,
                                evaluate=toyworld.evaluate if args.model == "toy" else None)
 

@@ -7,8 +7,8 @@ flow-matching loss plus MoRA: the one-step clean estimate is decoded and its opt
 reference video's flow. At inference both LoRAs are injected sparsely: the subject LoRA only in Q, K and FFN.0,
 the motion LoRA only in V, O, FFN.0 and FFN.2, and the subject LoRA at half strength for the first 30% of steps.
 
-    # a real run (a large GPU: MoRA's VAE decode alone saves ~2.9 GB of activations at 64x112, so tens of GB at the
-    # paper's 320x576, estimates: see --mora-ckpt, --mora-window; weights from the hub cache or local folders)
+    # a real run (a large GPU: `python bench.py --estimate` puts the motion stage with MoRA at ~88 GB with --grad-ckpt,
+    # most of it the VAE decode: see --mora-ckpt, --mora-window; weights from the hub cache or local folders)
     python smrabooth.py --subject photos/ --motion dance.mp4 --raft-weights raft_large_C_T_SKHT_V2-ff5fadd5.pth
     python smrabooth.py --subject photos/ --motion dance.mp4 --prompt "a sks dog dancing on the beach" ...
     # the toy world on a CPU in minutes (toy backbone, bundled toy subject and motion)
@@ -115,6 +115,8 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="check inputs, print the plan, load nothing")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--sample-every", type=int, default=250, help="write a sample (fixed seed) to --out/samples/ every "
+                                                                 "this many steps of each stage (0: never)")
     p.add_argument("--ablate", action="store_true", help="toy world: run the base model, the full method and every "
                                                          "ablation (--seeds, --ablation-seeds), and print the table")
     p.add_argument("--seeds", type=int, default=3, help="seeds for the base model and the full method in --ablate")
@@ -142,8 +144,9 @@ def check_args(args):
     common.check_numbers(args, at_least_one=["subject_rank", "motion_rank", "proj_hidden", "batch", "steps",
                                              "num_samples", "max_text_len", "fps", "log_every", "save_every",
                                              "seeds", "motion_stride"],
-                         at_least_zero=["subject_steps", "motion_steps", "motion_start", "ablation_seeds", "cfg",
-                                        "subject_early_scale", "subject_late_scale", "motion_scale"],
+                         at_least_zero=["subject_steps", "motion_steps", "sample_every", "motion_start",
+                                        "ablation_seeds", "cfg", "subject_early_scale", "subject_late_scale",
+                                        "motion_scale"],
                          positive=["lr", "sura_lambda", "mora_alpha", "shift"], unit=["t_point"])
     for flag, n in (("--motion-frames", args.motion_frames), ("--frames", args.frames)):
         if n % 4 != 1 or n < 5:
@@ -462,6 +465,22 @@ def sample(transformer, scheduler, text, uncond, latents, steps, cfg, on_step=No
     return z
 
 
+def generate(m, text, args, n):
+    """n videos (n, F, 3, H, W) of the sample prompt from fixed noise (--seed): both LoRAs (during the subject stage
+    the motion LoRA is still zero), sparse in layers and steps."""
+    transformer, vae = m["transformer"], m["vae"]
+    transformer.set_adapters(["subject", "motion"])
+    layers = common.lora_layers(transformer)
+    t_lat = (args.frames - 1) // vae.config.scale_factor_temporal + 1
+    s = vae.config.scale_factor_spatial
+    noise = torch.randn(n, transformer.config.in_channels, t_lat, args.height // s, args.width // s,
+                        generator=torch.Generator().manual_seed(args.seed))
+    z = sample(transformer, m["scheduler"], text["sample"], text["uncond"], noise.to(transformer.device), args.steps,
+               args.cfg, on_step=lambda i, steps: set_injection(layers, args, i, steps))
+    return torch.stack([vae.decode(unnormalize(vae, zi[None].to(torch.float32))).sample[0].transpose(0, 1)
+                        .float().cpu() for zi in z])  # one at a time: a real VAE decode is large
+
+
 # -----------------------------------------------------------------------------
 # training
 
@@ -477,8 +496,9 @@ def block0_hook(transformer, store):
     return transformer.blocks[0].register_forward_hook(lambda mod, inp, out: store.__setitem__("h", out))
 
 
-def train_stage(stage, m, lat, text, args, trainable, state, out, extra=None):
-    """One stage (subject or motion): its LoRA alone is active; resumable from state['step']."""
+def train_stage(stage, m, lat, text, args, trainable, state, out, extra=None, preview=None):
+    """One stage (subject or motion): its LoRA alone is active; resumable from state['step'].
+    preview(stage, step) writes a sample every --sample-every steps."""
     transformer, device = m["transformer"], lat.device
     transformer.set_adapters([stage])
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=1e-2)
@@ -523,6 +543,9 @@ def train_stage(stage, m, lat, text, args, trainable, state, out, extra=None):
         log(step + 1, bar, loss=loss.item(), **{k: v.item() for k, v in logs.items()})
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
             save_state(out, m, stage, step + 1, opt, gen, extra)
+        if preview and args.sample_every and (step + 1) % args.sample_every == 0:
+            preview(stage, step + 1)
+            transformer.set_adapters([stage])  # back to training: this stage's LoRA alone, at scale 1
     if hook:
         hook.remove()
 
@@ -678,27 +701,21 @@ def main(argv=None):
         ref_flow = None if args.no_mora else reference_flows(m["flow"], videos.to(device))
         if args.resume:
             load_state(state, m, projector)
+        # each stage numbers its steps from 1, as its log lines: samples/subject_step_000250.mp4, motion_step_...
+        preview = lambda stage, step: common.write_video(out / "samples" / f"{stage}_step_{step:06d}.mp4",
+                                                         generate(m, text, args, 1)[0], args.fps,
+                                                         upscale=8 if args.model == "toy" else 1)
         if state["stage"] == "subject":
             train_stage("subject", m, img_lat, text["subject"], args, subject_params + list(projector.parameters()),
-                        state, out, dict(masks=masks.to(device), dino=dino, projector=projector))
+                        state, out, dict(masks=masks.to(device), dino=dino, projector=projector), preview)
             save_lora(m, "subject", out)
             state = dict(stage="motion", step=0)
             save_state(out, m, "motion", 0)
-        train_stage("motion", m, vid_lat, text["motion"], args, motion_params, state, out, dict(ref_flow=ref_flow))
+        train_stage("motion", m, vid_lat, text["motion"], args, motion_params, state, out, dict(ref_flow=ref_flow),
+                    preview)
         save_lora(m, "motion", out)
 
-    # sample: both LoRAs, sparse in layers and steps
-    transformer.set_adapters(["subject", "motion"])
-    layers = common.lora_layers(transformer)
-    gen = torch.Generator().manual_seed(args.seed)
-    t_lat = (args.frames - 1) // m["vae"].config.scale_factor_temporal + 1
-    s = m["vae"].config.scale_factor_spatial
-    noise = torch.randn(args.num_samples, transformer.config.in_channels, t_lat, args.height // s, args.width // s,
-                        generator=gen)
-    z = sample(transformer, m["scheduler"], text["sample"], text["uncond"], noise.to(device), args.steps, args.cfg,
-               on_step=lambda i, n: set_injection(layers, args, i, n))
-    video = torch.stack([m["vae"].decode(unnormalize(m["vae"], zi[None].to(torch.float32))).sample[0].transpose(0, 1)
-                         .float().cpu() for zi in z])  # one at a time: a real VAE decode is large
+    video = generate(m, text, args, args.num_samples)
     return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps,
                                evaluate=toyworld.evaluate if args.model == "toy" else None)
 
