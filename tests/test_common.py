@@ -1,5 +1,7 @@
 import argparse
+import importlib
 import json
+import re
 
 import pytest
 import torch
@@ -216,3 +218,20 @@ def test_out_holding_a_run_is_only_reused_on_purpose(tmp_path, capsys):
         assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
     for flag in ("resume", "sample_only", "overwrite"):
         common.check_out(run, **{flag: True})
+
+
+SHARED_FLAGS = ["--sample-only", "--resume", "--overwrite", "--dry-run", "--num-samples", "--out", "--seed", "--dtype",
+                "--grad-ckpt", "--ablate", "--seeds", "--ablation-seeds", "--lr", "--log-every", "--save-every"]
+
+
+def test_the_method_files_share_their_flags(capsys):
+    """The same name for the same thing in every method file (issue 21), read from each file's --help."""
+    missing = {}
+    for name in ("smrabooth", "jointtuner", "dualreal", "dual_task_sdv"):
+        with pytest.raises(SystemExit):
+            importlib.import_module(name).parse_args(["--help"])
+        usage = capsys.readouterr().out.split("\n\n")[0]  # "usage: X.py [-h] [--flag VALUE] ...": every flag once
+        flags = set(re.findall(r"\[(--[a-z0-9-]+)", usage))
+        wanted = SHARED_FLAGS + (["--sample-every"] if name != "dual_task_sdv" else [])
+        missing[name] = [f for f in wanted if f not in flags]
+    assert missing == dict.fromkeys(missing, []), missing

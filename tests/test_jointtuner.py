@@ -313,6 +313,18 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         json.loads((tmp_path / "b" / "metrics.json").read_text())
 
 
+def test_samples_are_written_during_training_without_changing_it(tmp_path):
+    """--sample-every k: out/samples/step_k.mp4 from fixed noise; the training is the same as without previews (the
+    preview runs without LoRA dropout, and training gets it back)."""
+    import safetensors.torch as st
+    jt.main(FAST + ["--out", str(tmp_path / "a"), "--sample-every", "2", "--num-samples", "1"])
+    jt.main(FAST + ["--out", str(tmp_path / "b"), "--sample-every", "0", "--num-samples", "1"])
+    assert sorted(q.name for q in (tmp_path / "a" / "samples").iterdir()) == ["step_000002.mp4", "step_000004.mp4"]
+    assert not (tmp_path / "b" / "samples").exists()
+    a, b = (st.load_file(tmp_path / r / "adapters.safetensors") for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _bad(argv, capsys):
     with pytest.raises(SystemExit) as e:
         jt.main(argv)
@@ -485,6 +497,7 @@ BAD_FLAGS = {  # flags -> the words the one-line error must hold
     "fps 0": (["--fps", "0"], "--fps must be >= 1"),
     "log every 0": (["--log-every", "0"], "--log-every must be >= 1"),
     "save every 0": (["--save-every", "0"], "--save-every must be >= 1"),
+    "sample every -1": (["--sample-every=-1"], "--sample-every must be >= 0"),
     "seeds 0": (["--seeds", "0"], "--seeds must be >= 1"),
     "ablate with seeds 0": (["--ablate", "--seeds", "0"], "--seeds must be >= 1"),
     "ablation seeds -1": (["--ablate", "--ablation-seeds=-1"], "--ablation-seeds must be >= 0"),

@@ -207,6 +207,20 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         json.loads((tmp_path / "b" / "metrics.json").read_text())
 
 
+def test_samples_are_written_during_training_without_changing_it(tmp_path):
+    """--sample-every k: out/samples/<stage>_step_k.mp4 in both stages, each numbered as its log lines, from fixed
+    noise; both LoRAs are the same as without previews."""
+    import safetensors.torch as st
+    sm.main(FAST + ["--out", str(tmp_path / "a"), "--sample-every", "2", "--num-samples", "1"])
+    sm.main(FAST + ["--out", str(tmp_path / "b"), "--sample-every", "0", "--num-samples", "1"])
+    assert sorted(q.name for q in (tmp_path / "a" / "samples").iterdir()) == [
+        "motion_step_000002.mp4", "motion_step_000004.mp4", "subject_step_000002.mp4", "subject_step_000004.mp4"]
+    assert not (tmp_path / "b" / "samples").exists()
+    for name in ("subject", "motion"):
+        a, b = (st.load_file(sm.lora_file(tmp_path / r, name)) for r in "ab")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def _bad(argv, capsys):
     with pytest.raises(SystemExit) as e:
         sm.main(argv)
@@ -420,6 +434,7 @@ BAD_FLAGS = {  # flags -> the words the one-line error must hold
     "fps 0": (["--fps", "0"], "--fps must be >= 1"),
     "log every 0": (["--log-every", "0"], "--log-every must be >= 1"),
     "save every 0": (["--save-every", "0"], "--save-every must be >= 1"),
+    "sample every -1": (["--sample-every=-1"], "--sample-every must be >= 0"),
     "seeds 0": (["--seeds", "0"], "--seeds must be >= 1"),
     "ablate with seeds 0": (["--ablate", "--seeds", "0"], "--seeds must be >= 1"),
     "ablation seeds -1": (["--ablate", "--ablation-seeds=-1"], "--ablation-seeds must be >= 0"),
