@@ -37,6 +37,7 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -178,7 +179,6 @@ def ddp_setup(device):
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, device
-    import torch.distributed as dist
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
@@ -231,7 +231,7 @@ def read_pairs(folder, max_bad):
 def read_videos(folder, max_bad):
     """[(video path, caption)]: video files of FOLDER, each captioned by a sidecar .txt or, failing that, by a
     {"video": file name, "caption": text} line of FOLDER/captions.jsonl."""
-    folder = Path(folder)
+    folder, good, bad = Path(folder), [], []
     if not folder.is_dir():
         common.fail(f"--videos {folder} is not a folder of videos with captions (.txt sidecars or captions.jsonl)")
     index, captions = {}, folder / "captions.jsonl"
@@ -240,7 +240,6 @@ def read_videos(folder, max_bad):
             r = json.loads(line)                                    # which is then skipped below
             index[str(r["video"])] = str(r["caption"]).strip()
     files = sorted(q for q in folder.iterdir() if q.suffix.lower() in common.VIDEO_EXTS)
-    good, bad = [], []
     for q in files:
         cap = q.with_suffix(".txt")
         text = cap.read_text().strip() if cap.is_file() else index.get(q.name, "")
@@ -310,12 +309,13 @@ class FolderData:
         return jitter_crop(ref, self.size, self.jitter, gen), jitter_crop(target, self.size, self.jitter, gen), r[2]
 
     def pair_batch(self, idx, gen):
-        got = self._load(self.pairs, idx, self._pair, gen)
-        return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got]), [g[2] for g in got]
+        refs, targets, prompts = zip(*self._load(self.pairs, idx, self._pair, gen))
+        return torch.stack(refs), torch.stack(targets), list(prompts)
 
     def video_batch(self, idx, gen):
-        got = self._load(self.videos, idx, lambda r, g: (read_clip(r[0], self.frames, self.fps, self.size), r[1]), gen)
-        return torch.stack([g[0] for g in got]), [g[1] for g in got]
+        clips, captions = zip(*self._load(self.videos, idx, lambda r, g: (read_clip(r[0], self.frames, self.fps,
+                                                                                     self.size), r[1]), gen))
+        return torch.stack(clips), list(captions)
 
 
 # -----------------------------------------------------------------------------
@@ -430,13 +430,12 @@ def reference_rotary(transformer, frames, h, w, n_ref, keep=None):
     """(cos, sin) for [ref, video]: a (frames + 1)-frame grid, the reference on frame 0 and the video on frames
     1..frames. keep (B, k) gathers the kept reference positions per sample -> (B, S, Dh). n_ref = 0: the base
     model's grid (video on frames 0..frames-1)."""
-    p = transformer.config.patch_size
     if n_ref == 0 and keep is None:
         return common.cogvideox_rotary(transformer, frames, h, w)
     cos, sin = common.cogvideox_rotary(transformer, frames + 1, h, w)
-    per_frame = (h // p) * (w // p)
     if keep is None:
         return cos, sin
+    per_frame = (h // transformer.config.patch_size) * (w // transformer.config.patch_size)
     pick = lambda c: torch.cat([c[keep], c[None, per_frame:].expand(keep.shape[0], -1, -1)], 1)
     return pick(cos), pick(sin)
 
@@ -495,14 +494,13 @@ def save_lora(tr, m, args, out):
 def read_cls(folder, model):
     """The trained <cls> row of a run's folder; both files opened (and the model compared) before anything loads."""
     from safetensors import safe_open
-    for name in (LORA_FILE, CLS_FILE):
-        if not (Path(folder) / name).is_file():
-            common.fail(f"--ckpt {folder} holds no {name}; train first (its --out is the --ckpt to sample from)")
+    folder = Path(folder)
+    if not all((folder / name).is_file() for name in (LORA_FILE, CLS_FILE)):
+        common.fail(f"--ckpt {folder} holds no {LORA_FILE} and {CLS_FILE}; train first (its --out is the --ckpt)")
     try:
-        with safe_open(str(Path(folder) / LORA_FILE), "pt") as f:
+        with safe_open(str(folder / LORA_FILE), "pt") as f, safe_open(str(folder / CLS_FILE), "pt") as g:
             f.keys()
-        with safe_open(str(Path(folder) / CLS_FILE), "pt") as f:
-            meta, row = f.metadata() or {}, f.get_tensor(CLS)
+            meta, row = g.metadata() or {}, g.get_tensor(CLS)
     except Exception as e:
         common.fail(f"cannot read the trained weights in {folder} ({common.first_line(e)}): train again")
     if meta.get("model") != model:
@@ -653,8 +651,8 @@ def generate(m, image, prompt, args, seed):
 
 
 def write_results(out, video, fps, upscale, grid=None, metrics=None):
-    """result/ (PNG frames), result.mp4 and, in the toy world, result_grid.mp4 and metrics.json: written beside
-    (.result.tmp), then moved into place, so a crash while writing leaves the earlier result whole."""
+    """common.write_result's files (result/ PNG frames, result.mp4, result_grid.mp4, metrics.json) for a grid of our
+    own (reference | samples): written beside, then moved into place, so a crash leaves the earlier result whole."""
     tmp = out / ".result.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     common.write_frames(tmp / "result", video)
@@ -688,10 +686,8 @@ def flat_grad(params):
 
 
 def set_flat_grad(params, flat):
-    i = 0
-    for p in params:
-        p.grad = flat[i:i + p.numel()].view_as(p).to(p.dtype).clone()
-        i += p.numel()
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).to(p.dtype).clone()
 
 
 def grad_probe(model, params, probe, args):
@@ -710,28 +706,28 @@ def grad_probe(model, params, probe, args):
                 norm_vid=float(g["video"].norm()))
 
 
-def validation_split(n, n_val, seed):
-    """B.1 measures on a validation split disjoint from training: n_val records, drawn with a seed that every rank
-    shares, leave the training pool -> (training indices, validation indices)."""
-    if n_val >= n:
-        common.fail(f"{n} records leave none to train on after a validation split of {n_val} (--grad-every)")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_val:].sort().values, perm[:n_val]
-
-
-def lora_state(tr):
-    return {n: p.detach().float().cpu().contiguous() for n, p in tr.named_parameters() if f".{ADAPTER}." in n}
+def task_pools(data, batches, world, args):
+    """{kind: (training indices, validation indices)}. With --grad-every, B.1 measures on a validation split disjoint
+    from training: one micro-batch per rank, drawn with a seed that every rank shares, leaves the training pool."""
+    pools = {}
+    for kind, n in (("image", len(data.pairs)), ("video", len(data.videos))):
+        n_val = batches[kind][0] * world if args.grad_every else 0
+        if n_val >= n:
+            common.fail(f"{n} records leave none to train on after a validation split of {n_val} (--grad-every)")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
+        pools[kind] = perm[n_val:].sort().values, perm[:n_val]
+    return pools
 
 
 def save_state(out, tr, cls, step, opt, sched, gen, rank=0, world=1):
     """Rank 0 writes; the per-rank data/noise generator states are gathered so that --resume continues each rank."""
     gens = [gen.get_state()]
     if world > 1:
-        import torch.distributed as dist
         gens = [None] * world
         dist.all_gather_object(gens, gen.get_state())
     if rank == 0:
-        common.save_atomic(dict(step=step, lora=lora_state(tr), cls=cls.detach().cpu(), opt=opt.state_dict(),
+        lora = {n: p.detach().float().cpu() for n, p in tr.named_parameters() if f".{ADAPTER}." in n}
+        common.save_atomic(dict(step=step, lora=lora, cls=cls.detach().cpu(), opt=opt.state_dict(),
                                 sched=sched.state_dict(), gen=gens, rng=common.rng_state()), out / "ckpt.pt")
 
 
@@ -758,16 +754,11 @@ def train(m, data, args, out, batches, state, rank=0, world=1):
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"][rank])
-    pools = dict(image=torch.arange(len(data.pairs)), video=torch.arange(len(data.videos)))
-    load = dict(image=data.pair_batch, video=data.video_batch)
-    probe = None
-    if args.grad_every:  # one fixed validation mini-batch per task and rank, the same every time
-        val, pg = {}, torch.Generator().manual_seed(args.seed + 999)
-        for kind, (micro, _) in batches.items():
-            pools[kind], val[kind] = validation_split(len(pools[kind]), micro * world, args.seed)
-        probe = {kind: load[kind](val[kind][rank::world], pg) for kind in ("image", "video")}
+    load, pools = dict(image=data.pair_batch, video=data.video_batch), task_pools(data, batches, world, args)
+    pg = torch.Generator().manual_seed(args.seed + 999)  # B.1: a fixed validation mini-batch per task and rank
+    probe = {kind: load[kind](val[rank::world], pg) for kind, (_, val) in pools.items()} if args.grad_every else None
     # a DistributedSampler-style split: rank r draws from pool[r], pool[r + world], ...
-    pools = {kind: pool[rank::world] if len(pool) > rank else pool for kind, pool in pools.items()}
+    pools = {kind: pool[rank::world] if len(pool) > rank else pool for kind, (pool, _) in pools.items()}
     draw = lambda pool, b, g: pool[torch.randint(len(pool), (b,), generator=g)]
     log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
     model.train()
@@ -806,19 +797,13 @@ def train(m, data, args, out, batches, state, rank=0, world=1):
 
 def plan(args, data, batches):
     """What the run will do, printed before anything loads (all of it under --dry-run)."""
-    lines = [f"model: {args.model}; LoRA rank {args.rank}, alpha {args.lora_alpha:g}, dropout {args.lora_dropout:g} "
-             f"on {', '.join(LORA_TARGETS)}; dtype {args.dtype}"]
-    if args.mode == "sample":
-        lines.append(f"sample: LoRA and <cls> from {args.ckpt}; " + (f"reference {args.image}, prompt {args.prompt!r}, "
-                     f"{args.num_samples} sample(s)" if args.image else "the held-out toy sprites"))
-    else:
-        lines += [f"data: {len(data.pairs)} pairs, {len(data.videos)} videos" + " (toy)" * (args.mode == "toy"),
-                  f"training: {args.iterations} steps, p {args.p}, p_drop {args.p_drop}, AdamW lr {args.lr:g}, "
-                  f"{args.warmup} warm-up steps; per step (micro-batch, passes) {batches}"
-                  + f"; resumed from {args.out}/ckpt.pt" * args.resume]
-    lines += [f"video: {args.frames} frames at {args.height}x{args.width}, {args.fps} fps; {args.sampler} "
-              f"{args.steps} steps, cfg {args.cfg:g}, seed {args.seed}", f"out: {args.out}"]
-    print("\n".join(lines))
+    what = (f"training: {len(data.pairs)} pairs, {len(data.videos)} videos; {args.iterations} steps, p {args.p}, "
+            f"p_drop {args.p_drop}, AdamW lr {args.lr:g}; (micro-batch, passes) {batches}" + " (resumed)" * args.resume
+            if data is not None else f"sample: LoRA and <cls> from {args.ckpt}; " + (
+                f"{args.image}, {args.prompt!r}, {args.num_samples} sample(s)" if args.image else "held-out sprites"))
+    print(f"model: {args.model}; LoRA rank {args.rank}, alpha {args.lora_alpha:g} on {', '.join(LORA_TARGETS)}\n"
+          f"{what}\nvideo: {args.frames} x {args.height}x{args.width}, {args.fps} fps; {args.sampler} {args.steps} "
+          f"steps, cfg {args.cfg:g}, seed {args.seed}\nout: {args.out}")
 
 
 ABLATIONS = {"base (no training)": ["--iterations", "0"], "p 0.2": [], "p 0 (image only)": ["--p", "0"],
@@ -850,9 +835,7 @@ def main(argv=None):
     if data is not None:
         batches = dict(image=micro_batches(args.pair_batch, args.pair_micro, world, "pair"),
                        video=micro_batches(args.video_batch, args.video_micro, world, "video"))
-        if args.grad_every:  # B.1's validation split must leave records to train on
-            validation_split(len(data.pairs), batches["image"][0] * world, args.seed)
-            validation_split(len(data.videos), batches["video"][0] * world, args.seed)
+        task_pools(data, batches, world, args)  # B.1's validation split must leave records to train on
     if rank == 0:
         plan(args, data, batches)
     if args.dry_run:
@@ -879,19 +862,15 @@ def main(argv=None):
             common.clear_run(out, [LORA_FILE, CLS_FILE, "grad_log.jsonl"])
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    lora = sum(p.numel() for p in add_lora(tr, args))
-    print(f"rank {rank}/{world}: " * (world > 1) + f"LoRA: {lora / 1e6:.2f} M parameters "
-          f"on {len(common.lora_layers(tr))} layers")
+    print(f"rank {rank}/{world}: " * (world > 1) + f"LoRA: {sum(p.numel() for p in add_lora(tr, args)) / 1e6:.2f} M "
+          f"parameters on {len(common.lora_layers(tr))} layers")
     train(m, data, args, out, batches, state, rank, world)  # DDP keeps the ranks' weights equal: rank 0's are saved
-    result = None
     if rank == 0:
         save_lora(tr, m, args, out)
-        if args.mode == "toy":
-            result = toy_eval(m, args, out)
+    result = toy_eval(m, args, out) if rank == 0 and args.mode == "toy" else None
     if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-        dist.destroy_process_group()
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return result
 
 
