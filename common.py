@@ -223,9 +223,11 @@ def write_video(path, video, fps=8, upscale=1):
         iio.imwrite(path, frames, fps=fps, codec="libx264", quality=9, macro_block_size=2)
 
 
-def write_preview(out, step, video, fps, toy=False):
-    """A sample written during training (--sample-every): out/samples/step_000250.mp4, to watch a run learn."""
-    write_video(Path(out) / "samples" / f"step_{step:06d}.mp4", video, fps, upscale=8 if toy else 1)
+def write_preview(out, step, video, fps, toy=False, stage=None):
+    """A sample written during training (--sample-every): out/samples/step_000250.mp4 (a staged method's:
+    subject_step_000250.mp4...), to watch a run learn."""
+    name = f"{stage}_step_{step:06d}.mp4" if stage else f"step_{step:06d}.mp4"
+    write_video(Path(out) / "samples" / name, video, fps, upscale=8 if toy else 1)
 
 
 def side_by_side(videos):

@@ -702,9 +702,8 @@ def main(argv=None):
         if args.resume:
             load_state(state, m, projector)
         # each stage numbers its steps from 1, as its log lines: samples/subject_step_000250.mp4, motion_step_...
-        preview = lambda stage, step: common.write_video(out / "samples" / f"{stage}_step_{step:06d}.mp4",
-                                                         generate(m, text, args, 1)[0], args.fps,
-                                                         upscale=8 if args.model == "toy" else 1)
+        preview = lambda stage, step: common.write_preview(out, step, generate(m, text, args, 1)[0], args.fps,
+                                                           toy=args.model == "toy", stage=stage)
         if state["stage"] == "subject":
             train_stage("subject", m, img_lat, text["subject"], args, subject_params + list(projector.parameters()),
                         state, out, dict(masks=masks.to(device), dino=dino, projector=projector), preview)

@@ -190,7 +190,7 @@ def test_toy_end_to_end_writes_everything_and_sample_only_reuses_it(tmp_path):
     assert "subject" in pipe.get_list_adapters()["transformer"]
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     args = FAST + ["--subject-steps", "4", "--motion-steps", "4", "--save-every", "2"]
     sm.main(args + ["--out", str(tmp_path / "a")])
     # interrupted after 2 motion steps: the stage-2 checkpoint at step 2 is what an interrupted run leaves
@@ -199,7 +199,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     import safetensors.torch as st
     state = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
     assert state["stage"] == "motion" and state["step"] == 1
+    ran, step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: ran.append(1) or step(self, *a, **k))
     sm.main(args + ["--out", str(tmp_path / "b"), "--resume"])
+    assert len(ran) == 3  # motion steps 2-4 only (a fresh run, the same LoRAs, would take 4 + 4)
     a = st.load_file(tmp_path / "a" / "motion_lora" / "pytorch_lora_weights.safetensors")
     b = st.load_file(tmp_path / "b" / "motion_lora" / "pytorch_lora_weights.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
