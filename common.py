@@ -80,6 +80,19 @@ def check_numbers(args, at_least_one=(), at_least_zero=(), positive=(), unit=())
         bad("seed", "between 0 and 2^32 - 1")
 
 
+def check_words(args, names):
+    """Text flags given must hold words: an empty --prompt is a mistake, not a request for the default."""
+    for name in names:
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            fail(f"--{name.replace('_', '-')} is empty: give the words, or leave the flag out for the default")
+
+
+def check_clip_range(args):
+    """--motion-start/--motion-end must leave frames to read."""
+    if args.motion_end is not None and args.motion_end <= args.motion_start:
+        fail(f"--motion-end {args.motion_end} must be after --motion-start {args.motion_start}")
+
+
 RUN_FILES = ("config.json", "ckpt.pt", "metrics.json", "log.jsonl")
 RESULT_FILES = ("result", "result.mp4", "result_grid.mp4", "metrics.json")
 

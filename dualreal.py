@@ -142,12 +142,8 @@ def check_args(args):
         common.fail(f"--frames {args.frames}: CogVideoX needs 4k+1 frames (49, 9...)")
     if args.height % 16 or args.width % 16 or min(args.height, args.width) < 16:
         common.fail(f"--height {args.height} --width {args.width}: use multiples of 16")
-    if args.motion_end is not None and args.motion_end <= args.motion_start:
-        common.fail(f"--motion-end {args.motion_end} must be after --motion-start {args.motion_start}")
-    for flag, text in (("--prompt", args.prompt), ("--class-word", args.class_word),
-                       ("--motion-caption", args.motion_caption), ("--placeholder", args.placeholder)):
-        if text is not None and not text.strip():
-            common.fail(f"{flag} is empty: give the words, or leave the flag out for the default")
+    common.check_clip_range(args)
+    common.check_words(args, ["prompt", "class_word", "motion_caption", "placeholder"])
 
 
 def read_inputs(args):

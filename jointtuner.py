@@ -137,12 +137,8 @@ def check_args(args):
         common.fail(f"--frames {args.frames}: a motion needs 2 or more frames (the paper: 16)")
     if args.height % 8 or args.width % 8 or min(args.height, args.width) < 8:
         common.fail(f"--height {args.height} --width {args.width}: use multiples of 8 (the VAE's 8x)")
-    if args.motion_end is not None and args.motion_end <= args.motion_start:
-        common.fail(f"--motion-end {args.motion_end} must be after --motion-start {args.motion_start}")
-    for flag, text in (("--prompt", args.prompt), ("--class-word", args.class_word),
-                       ("--motion-caption", args.motion_caption)):
-        if text is not None and not text.strip():
-            common.fail(f"{flag} is empty: give the words, or leave the flag out for the default")
+    common.check_clip_range(args)
+    common.check_words(args, ["prompt", "class_word", "motion_caption"])
     if args.placeholder and args.placeholder.split() != [args.placeholder]:
         common.fail(f"--placeholder {args.placeholder!r} must be one word, e.g. sks ('' for none)")
 

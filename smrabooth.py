@@ -159,12 +159,8 @@ def check_args(args):
                         ("--height/--width", [args.height, args.width])):
         if any(q % 16 or q < 16 for q in sizes):
             common.fail(f"{flag} {' '.join(map(str, sizes))}: use multiples of 16 (Wan's 8x VAE and 2x2 patches)")
-    if args.motion_end is not None and args.motion_end <= args.motion_start:
-        common.fail(f"--motion-end {args.motion_end} must be after --motion-start {args.motion_start}")
-    for flag, text in (("--prompt", args.prompt), ("--class-word", args.class_word),
-                       ("--motion-caption", args.motion_caption)):
-        if text is not None and not text.strip():
-            common.fail(f"{flag} is empty: give the words, or leave the flag out for the default")
+    common.check_clip_range(args)
+    common.check_words(args, ["prompt", "class_word", "motion_caption"])
     if args.placeholder.split() != [args.placeholder]:
         common.fail(f"--placeholder {args.placeholder!r} must be one word, e.g. sks")
     for flag, names in (("--subject-layers", args.subject_layers), ("--motion-layers", args.motion_layers)):
