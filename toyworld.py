@@ -923,6 +923,9 @@ def run_ablations(main, argv, variants, args, method, note=""):
     rest, rows = [a for a in argv if a != "--ablate"], {}
     for i, (name, flags) in enumerate(variants.items()):
         n = args.seeds if i < 2 else min(args.ablation_seeds, args.seeds)
+        if "--dry-run" in argv:  # the plan: each variant's flags and runs; nothing is run, written or removed
+            print(f"{name}: {' '.join(flags) or '(the full method)'}, {n} seed(s) in {out / 'ablations' / slug(name)}")
+            continue
         if n:  # --ablation-seeds 0: only the base model and the full method
             rows[name] = []
         for seed in range(n):
@@ -934,6 +937,8 @@ def run_ablations(main, argv, variants, args, method, note=""):
             kept = Path("results") / method / slug(name) / f"seed{seed}" / "metrics.json"
             kept.parent.mkdir(parents=True, exist_ok=True)
             kept.write_text((run / "metrics.json").read_text())
+    if not rows:
+        return rows
     keys = list(rows[next(iter(rows))][0])
     lines = ["| variant | seeds | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 2)]
     for name, runs in rows.items():

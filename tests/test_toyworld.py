@@ -335,6 +335,9 @@ def test_run_ablations_seeds_and_sample_only_reuse(tmp_path, monkeypatch):
     assert "| full | 3 | 1.000 +- 0.816 | 1.000 +- 0.000 |" in table and "| later | 1 | 0.000 | 1.000 |" in table
     args.seeds, args.ablation_seeds = 1, 0
     assert list(tw.run_ablations(fake_main, ["--model", "toy"], variants, args, "m")) == ["base", "full"]
+    before = sorted(str(q) for q in tmp_path.rglob("*"))
+    assert tw.run_ablations(fake_main, ["--model", "toy", "--dry-run"], variants, args, "m") == {}
+    assert sorted(str(q) for q in tmp_path.rglob("*")) == before  # a dry run runs, writes and removes nothing
     with pytest.raises(SystemExit) as e:
         tw.run_ablations(fake_main, [], variants, argparse.Namespace(model="x", seeds=1, ablation_seeds=1, out="o"),
                          "m")
