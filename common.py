@@ -64,18 +64,12 @@ def check_numbers(args, at_least_one=(), at_least_zero=(), positive=(), unit=())
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             bad(name, "a finite number")
-    for name in at_least_one:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            bad(name, ">= 1")
-    for name in at_least_zero:
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            bad(name, ">= 0")
-    for name in positive:
-        if getattr(args, name) is not None and not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            bad(name, "a finite number > 0")
-    for name in unit:
-        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
-            bad(name, "between 0 and 1")
+    for names, ok, want in ((at_least_one, lambda v: v >= 1, ">= 1"), (at_least_zero, lambda v: v >= 0, ">= 0"),
+                            (positive, lambda v: v > 0, "a finite number > 0"), (unit, lambda v: 0 <= v <= 1,
+                                                                                  "between 0 and 1")):
+        for name in names:
+            if getattr(args, name) is not None and not ok(getattr(args, name)):
+                bad(name, want)
     if not 0 <= getattr(args, "seed", 0) < 2 ** 32:
         bad("seed", "between 0 and 2^32 - 1")
 
@@ -372,7 +366,8 @@ def save_lora(pipeline_cls, model, name, path):
     place: a crash never leaves half a file."""
     from peft.utils import get_peft_model_state_dict
     save_atomic(get_peft_model_state_dict(model, adapter_name=name), path, lambda sd, q: pipeline_cls.save_lora_weights(
-        str(Path(q).parent), transformer_lora_layers=sd, weight_name=Path(q).name))
+        str(Path(q).parent), transformer_lora_layers=sd, weight_name=Path(q).name,
+        transformer_lora_adapter_metadata=model.peft_config[name].to_dict()))  # its alpha, rank and targets
 
 
 # -----------------------------------------------------------------------------

@@ -479,16 +479,11 @@ def forward_with_reference(transformer, z, text, t, ref=None, keep=None):
 
 def save_lora(tr, m, args, out):
     from diffusers import CogVideoXPipeline
-    from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
     meta = dict(method="dual_task_sdv", model=args.model, iterations=str(args.iterations), p=str(args.p))
     common.save_atomic({CLS: m["cls"].detach().float().cpu().contiguous()}, out / CLS_FILE,
                        lambda sd, q: save_file(sd, q, metadata=meta))
-    common.save_atomic(get_peft_model_state_dict(tr, adapter_name=ADAPTER), out / LORA_FILE, lambda sd, q:
-                       CogVideoXPipeline.save_lora_weights(Path(q).parent, transformer_lora_layers=sd,
-                                                           weight_name=Path(q).name,
-                                                           transformer_lora_adapter_metadata=tr.peft_config[ADAPTER]
-                                                           .to_dict()))
+    common.save_lora(CogVideoXPipeline, tr, ADAPTER, out / LORA_FILE)
 
 
 def read_cls(folder, model):
