@@ -253,17 +253,28 @@ def write_result(out, videos, images, motion, prompt, fps, evaluate=None):
     """A method's result from videos (N, F, 3, H, W), N samples of one prompt: lossless frames and result.mp4 of the
     first, result_grid.mp4 (subject | motion | every sample) and, given the toy world's `evaluate`, metrics.json with
     the mean over the N samples (returned)."""
-    toy = evaluate is not None
-    up = 8 if toy else 1  # 32x32 toy clips are too small to look at
-    tmp = Path(out) / ".result.tmp"  # everything is written here first, then moved into place: a crash while
-    shutil.rmtree(tmp, ignore_errors=True)  # writing leaves the earlier result whole
-    write_frames(tmp / "result", videos[0])
-    write_video(tmp / "result.mp4", videos[0], fps, upscale=up)
-    write_video(tmp / "result_grid.mp4", side_by_side([images[:1], motion, *videos]), fps, upscale=up)
     metrics = None
-    if toy:
+    if evaluate is not None:
         each = [evaluate(v, list(images), motion) for v in videos]
         metrics = {k: sum(e[k] for e in each) / len(each) for k in each[0]}
+    up = 8 if evaluate is not None else 1  # 32x32 toy clips are too small to look at
+    write_result_files(out, videos[0], side_by_side([images[:1], motion, *videos]), fps, up, metrics)
+    print(f"wrote {out / 'result.mp4'} and {out / 'result_grid.mp4'} ({prompt!r}, {len(videos)} sample(s))")
+    if metrics:
+        print(f"toy metrics (mean of {len(each)} samples): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return metrics
+
+
+def write_result_files(out, video, grid, fps, upscale=1, metrics=None):
+    """RESULT_FILES: result/ (lossless frames) and result.mp4 of video, result_grid.mp4 of grid, metrics.json if
+    given. Everything is written beside first, then moved into place: a crash while writing leaves the earlier
+    result whole."""
+    tmp = Path(out) / ".result.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_frames(tmp / "result", video)
+    write_video(tmp / "result.mp4", video, fps, upscale=upscale)
+    write_video(tmp / "result_grid.mp4", grid, fps, upscale=upscale)
+    if metrics is not None:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for name in RESULT_FILES:
         if (tmp / name).exists():
@@ -271,10 +282,6 @@ def write_result(out, videos, images, motion, prompt, fps, evaluate=None):
                 shutil.rmtree(out / name)
             os.replace(tmp / name, out / name)
     tmp.rmdir()
-    print(f"wrote {out / 'result.mp4'} and {out / 'result_grid.mp4'} ({prompt!r}, {len(videos)} sample(s))")
-    if metrics:
-        print(f"toy metrics (mean of {len(each)} samples): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    return metrics
 
 
 # -----------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -107,14 +106,12 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=["dpm", "ddim"], default="dpm")
     p.add_argument("--fps", type=int, default=8, help="frame rate of the training clips and of the result (A.2: 8)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="frozen weights' dtype (auto: bf16 on a GPU that supports it, else fp32)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="frozen weights' dtype")
     # run
     p.add_argument("--out", default="out/dual_task_sdv")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else it is kept)")
-    p.add_argument("--sample-only", action="store_true", help="sample with the LoRA saved in --out (the sample "
-                                                              "command with --ckpt = --out; toy: the held-out sprites)")
+    p.add_argument("--sample-only", action="store_true", help="sample --ckpt = --out (toy: the held-out sprites)")
     p.add_argument("--num-samples", type=int, default=1, help="sample: videos from seeds seed, seed + 1, ...")
     p.add_argument("--dry-run", action="store_true", help="check inputs, print the plan, load nothing")
     p.add_argument("--log-every", type=int, default=10)
@@ -123,8 +120,7 @@ def parse_args(argv=None):
     p.add_argument("--toy-videos", type=int, default=64, help="toy world: unpaired videos made in memory")
     p.add_argument("--ablate", action="store_true", help="toy world: p = 0 / 0.2 / 0.4 and the regulariser ablations")
     p.add_argument("--seeds", type=int, default=3, help="seeds for the base model and the full method in --ablate")
-    p.add_argument("--ablation-seeds", type=int, default=1,
-                   help="seeds for every other --ablate variant (0: base and full only)")
+    p.add_argument("--ablation-seeds", type=int, default=1, help="seeds for the other --ablate variants (0: none)")
     args = p.parse_args(argv)
     args.mode = "sample" if args.sample_only else mode or ("toy" if args.model == "toy" else "train")
     args.ckpt = args.ckpt or (args.out if args.sample_only else None)
@@ -154,8 +150,7 @@ def check_args(args):
         common.fail(f"--frames {args.frames}: CogVideoX needs 4k+1 frames (49, 9...)")
     if args.height % 16 or args.width % 16 or min(args.height, args.width) < 16:
         common.fail(f"--height {args.height} --width {args.width}: use multiples of 16")
-    if args.prompt is not None and not args.prompt.strip():
-        common.fail("--prompt is empty: write the prompt, with <cls> before the subject noun")
+    common.check_words(args, ["prompt"])
     if args.mode == "sample":
         held_out = args.model == "toy" and not args.image and not args.prompt  # the toy world's held-out sprites
         if not args.ckpt or not held_out and not (args.image and args.prompt):
@@ -278,8 +273,7 @@ class FolderData:
 
     def __init__(self, args):
         self.pairs, self.videos = read_pairs(args.pairs, args.max_bad), read_videos(args.videos, args.max_bad)
-        self.size, self.frames, self.max_bad, self.bad = (args.height, args.width), args.frames, args.max_bad, []
-        self.jitter, self.fps = args.crop_jitter, args.fps
+        self.args, self.bad = args, []
         lacking = next((prompt for *_, prompt in self.pairs if CLS not in prompt), None)
         if lacking is not None and not args.no_train_cls:  # sec. 3: <cls> is prepended to the subject noun
             common.fail(f"pair prompt {lacking!r} has no {CLS}, so its embedding would learn nothing from it; write "
@@ -295,26 +289,28 @@ class FolderData:
                     break
                 except (Exception, SystemExit) as e:
                     why = err.getvalue().strip().removeprefix("error: ") or common.first_line(e)
-                    skip(str(records[i][0]), f"unreadable ({why})", self.bad, len(records), self.max_bad)
+                    skip(str(records[i][0]), f"unreadable ({why})", self.bad, len(records), self.args.max_bad)
                     i = int(torch.randint(len(records), (1,), generator=gen))
         return out
 
     def _pair(self, r, gen):
+        size, jitter = (self.args.height, self.args.width), self.args.crop_jitter
         if r[0] == r[1]:  # composite: the left half is the reference, the right half the target
             both = common.read_image(r[0])
             w = both.shape[-1] // 2
             ref, target = both[..., :w], both[..., w:2 * w]
         else:
             ref, target = common.read_image(r[0]), common.read_image(r[1])
-        return jitter_crop(ref, self.size, self.jitter, gen), jitter_crop(target, self.size, self.jitter, gen), r[2]
+        return jitter_crop(ref, size, jitter, gen), jitter_crop(target, size, jitter, gen), r[2]
 
     def pair_batch(self, idx, gen):
         refs, targets, prompts = zip(*self._load(self.pairs, idx, self._pair, gen))
         return torch.stack(refs), torch.stack(targets), list(prompts)
 
     def video_batch(self, idx, gen):
-        clips, captions = zip(*self._load(self.videos, idx, lambda r, g: (read_clip(r[0], self.frames, self.fps,
-                                                                                     self.size), r[1]), gen))
+        a = self.args
+        clip = lambda r, g: (read_clip(r[0], a.frames, a.fps, (a.height, a.width)), r[1])
+        clips, captions = zip(*self._load(self.videos, idx, clip, gen))
         return torch.stack(clips), list(captions)
 
 
@@ -325,15 +321,12 @@ class FolderData:
 def load_models(args, device, dtype):
     """CogVideoX transformer, VAE, T5 + tokenizer (with <cls> added), scheduler, and "cls": the <cls> input
     embedding as its own fp32 parameter; or the toy world's pieces."""
-    if args.model == "toy":
-        m = toyworld.cogvideox_parts(dtype)
-    else:
-        m = common.load_cogvideox(args.model, args.sampler, dtype)
+    m = common.load_cogvideox(args.model, args.sampler, dtype) if args.model != "toy" else toyworld.cogvideox_parts()
     cid = add_cls_token(m["tokenizer"], m["text_encoder"])
     cfg = m["transformer"].config
     if not cfg.use_rotary_positional_embeddings or cfg.patch_size_t is not None:
         common.fail(f"--model {args.model}: reference tokens need CogVideoX 1.0 with rotary embeddings (the 5B)")
-    for k in ("transformer", "vae", "text_encoder"):  # the dtype again: common's toy branch loads fp32
+    for k in ("transformer", "vae", "text_encoder"):  # the toy parts load in fp32
         m[k] = m[k].to(device, dtype).eval().requires_grad_(False)
     # <cls>'s row trains as its own fp32 vector, as textual inversion's new word: in T5's bf16 matrix AdamW steps of
     # lr 5e-5 round away, and every flat gradient (PCGrad, the analysis) would hold the vocabulary x D matrix
@@ -354,8 +347,7 @@ def add_cls_token(tokenizer, text_encoder):
 
 def add_lora(transformer, args):
     """The LoRA of supplement A.1 (B = 0 at start: the model is exactly the base model)."""
-    return common.add_lora(transformer, ADAPTER, args.rank, LORA_TARGETS, alpha=args.lora_alpha,
-                           dropout=args.lora_dropout)
+    return common.add_lora(transformer, ADAPTER, args.rank, LORA_TARGETS, args.lora_alpha, args.lora_dropout)
 
 
 def text_embeds(m, prompts, max_len):
@@ -444,21 +436,15 @@ def forward_with_reference(transformer, z, text, t, ref=None, keep=None):
     """v-prediction (B, F, C, h, w) for noisy latents z, text embeddings (B, L, D), timesteps t (B,), and the
     reference latent ref (B, 1, C, h, w) (None: no reference tokens: exactly the base transformer). keep (B, k):
     indices of the reference tokens kept by TokenDrop (None: all)."""
-    tr = transformer
-    b, f, c, h, w = z.shape
-    dt = tr.dtype
+    tr, (b, f, c, h, w), dt = transformer, z.shape, transformer.dtype
     time = lambda tt: tr.time_embedding(tr.time_proj(tt).to(dt), None)
-    emb = time(t)
+    emb, emb0 = time(t), time(torch.zeros_like(t))  # emb0: the reference tokens' modulation, at t = 0
     seq = tr.embedding_dropout(tr.patch_embed(text.to(dt), z.to(dt)))  # text_proj + proj, as the base model
     txt, vid = seq[:, :text.shape[1]], seq[:, text.shape[1]:]
-    if ref is None:
-        r = vid[:, :0]
-    else:
-        r = ref_tokens(tr, ref)
-        if keep is not None:
-            r = torch.gather(r, 1, keep[..., None].expand(-1, -1, r.shape[-1]))
-    emb0 = time(torch.zeros_like(t))
-    rotary = reference_rotary(tr, f, h, w, r.shape[1], keep if ref is not None else None)
+    r = vid[:, :0] if ref is None else ref_tokens(tr, ref)
+    if keep is not None:
+        r = torch.gather(r, 1, keep[..., None].expand(-1, -1, r.shape[-1]))
+    rotary = reference_rotary(tr, f, h, w, r.shape[1], keep)
     for block in tr.transformer_blocks:
         if torch.is_grad_enabled() and tr.gradient_checkpointing:
             txt, r, vid = torch.utils.checkpoint.checkpoint(block_forward, block, txt, r, vid, emb, emb0, rotary,
@@ -645,29 +631,11 @@ def generate(m, image, prompt, args, seed):
     return decode_video(vae, z)[0].cpu().clamp(-1, 1)
 
 
-def write_results(out, video, fps, upscale, grid=None, metrics=None):
-    """common.write_result's files (result/ PNG frames, result.mp4, result_grid.mp4, metrics.json) for a grid of our
-    own (reference | samples): written beside, then moved into place, so a crash leaves the earlier result whole."""
-    tmp = out / ".result.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    common.write_frames(tmp / "result", video)
-    common.write_video(tmp / "result.mp4", video, fps, upscale=upscale)
-    if grid is not None:
-        common.write_video(tmp / "result_grid.mp4", grid, fps, upscale=upscale)
-    if metrics is not None:
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    for q in tmp.iterdir():
-        if (out / q.name).is_dir():
-            shutil.rmtree(out / q.name)
-        os.replace(q, out / q.name)
-    tmp.rmdir()
-
-
 def toy_eval(m, args, out):
     """The held-out toy sprites (toyworld.heldout_eval), each sampled from one reference image, into --out."""
     metrics, video, grid = toyworld.heldout_eval(lambda ref, prompt, seed: generate(m, ref, prompt, args, seed),
                                                  args.seed)
-    write_results(out, video, args.fps, 8, grid, metrics)
+    common.write_result_files(out, video, grid, args.fps, 8, metrics)
     return metrics
 
 
@@ -680,23 +648,16 @@ def flat_grad(params):
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in params])
 
 
-def set_flat_grad(params, flat):
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p).to(p.dtype).clone()
-
-
 def grad_probe(model, params, probe, args):
     """cos(g_img, g_vid), ||g_img||, ||g_vid|| on the fixed validation batches (fixed noise too); the parameters'
     gradients are cleared afterwards. One backward per task: under DDP its all-reduce gives the mean over ranks of
     the task's gradient, which is what B.1 computes from the pre-sync capture (sum over ranks / world)."""
     g = {}
     for kind, batch in probe.items():
-        for p in params:
-            p.grad = None
+        model.zero_grad()
         model(kind, batch, torch.Generator().manual_seed(args.seed + 777)).backward()
         g[kind] = flat_grad(params)
-    for p in params:
-        p.grad = None
+    model.zero_grad()
     return dict(cos=float(F.cosine_similarity(g["image"], g["video"], dim=0)), norm_img=float(g["image"].norm()),
                 norm_vid=float(g["video"].norm()))
 
@@ -774,7 +735,8 @@ def train(m, data, args, out, batches, state, rank=0, world=1):
                 loss.backward()
             total += loss.item()
         if pcgrad is not None:  # on the averaged gradient: every rank projects the same vector
-            set_flat_grad(params, pcgrad(kind, flat_grad(params)))
+            for p, g in zip(params, pcgrad(kind, flat_grad(params)).split([p.numel() for p in params])):
+                p.grad = g.view_as(p).to(p.dtype).clone()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
         sched.step()
@@ -846,12 +808,12 @@ def main(argv=None):
         if image is None:
             return toy_eval(m, args, out)
         videos = [generate(m, image, args.prompt, args, args.seed + i) for i in range(args.num_samples)]
-        grid = common.side_by_side([image[None]] + videos) if len(videos) > 1 else None  # reference | samples
-        write_results(out, videos[0], args.fps, 8 if args.model == "toy" else 1, grid)
-        print(f"wrote {out / 'result.mp4'} ({args.prompt!r}, {len(videos)} sample(s))")
+        common.write_result_files(out, videos[0], common.side_by_side([image[None]] + videos), args.fps,
+                                  8 if args.model == "toy" else 1)  # the grid: reference | samples
+        print(f"wrote {out / 'result.mp4'} and {out / 'result_grid.mp4'} ({args.prompt!r}, {len(videos)} sample(s))")
         return None
     if world > 1:  # every rank has checked --out (NCCL starts lazily) before rank 0 writes into it
-        torch.distributed.barrier()
+        dist.barrier()
     if rank == 0:
         if args.overwrite and not args.resume:  # the earlier run goes only now, after the models loaded
             common.clear_run(out, [LORA_FILE, CLS_FILE, "grad_log.jsonl"])
@@ -864,8 +826,8 @@ def main(argv=None):
         save_lora(tr, m, args, out)
     result = toy_eval(m, args, out) if rank == 0 and args.mode == "toy" else None
     if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        dist.barrier()
+        dist.destroy_process_group()
     return result
 
 
