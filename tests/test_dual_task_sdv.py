@@ -8,6 +8,7 @@ import torch
 import common
 import dual_task_sdv as dts
 import toyworld as tw
+from helpers import check_bad_input, earlier_run, error_line
 
 FAST = ["--model", "toy", "--iterations", "4", "--warmup", "0", "--steps", "2", "--log-every", "2",
         "--toy-pairs", "8", "--toy-videos", "4"]
@@ -253,12 +254,10 @@ def test_resume_continues_to_the_same_weights_running_only_the_steps_left(tmp_pa
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_clear_errors(tmp_path):
+def test_clear_errors(tmp_path, capsys):
     for argv in (["train", "--model", "toy", "--pairs", "nowhere", "--videos", "nowhere"],
                  ["sample", "--model", "toy", "--ckpt", "nowhere", "--image", "x.png", "--prompt", "a <cls>"]):
-        with pytest.raises(SystemExit) as e:
-            dts.main(argv + ["--out", str(tmp_path)])
-        assert e.value.code == 2
+        error_line(dts, argv + ["--out", str(tmp_path)], capsys)
 
 
 def test_pcgrad_removes_exactly_the_conflicting_component():
@@ -483,11 +482,9 @@ def test_a_pair_prompt_without_cls_stops_before_any_model_loads(tmp_path, monkey
     common.write_video(vids / "0.gif", torch.zeros(9, 3, 8, 8), 4)
     (vids / "0.txt").write_text("a dog")
     monkeypatch.setattr(dts, "load_models", lambda *a: pytest.fail("the models were loaded"))
-    with pytest.raises(SystemExit) as e:
-        dts.main(["train", "--model", "toy", "--pairs", str(tmp_path), "--videos", str(vids), "--out",
-                  str(tmp_path / "o")])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "'a cat on a sofa' has no <cls>" in err
+    err = error_line(dts, ["train", "--model", "toy", "--pairs", str(tmp_path), "--videos", str(vids), "--out",
+                           str(tmp_path / "o")], capsys)
+    assert "'a cat on a sofa' has no <cls>" in err
 
 
 def test_the_docstring_cites_the_paper_not_a_path_outside_the_repo():
@@ -496,7 +493,6 @@ def test_the_docstring_cites_the_paper_not_a_path_outside_the_repo():
 
 def _bad_world(tmp):
     """Good inputs, bad ones to swap in, and an earlier run in tmp/out -> ({name: path}, checksum of tmp/out)."""
-    import hashlib
     from PIL import Image
     from safetensors.torch import save_file
     Image.new("RGB", (16, 16)).save(tmp / "ref.png")
@@ -517,12 +513,8 @@ def _bad_world(tmp):
         save_file({"x": torch.zeros(1)}, str(tmp / name / dts.LORA_FILE))
     (tmp / "damaged" / dts.LORA_FILE).write_bytes(b"\x00" * 40)
     (tmp / "empty").mkdir()
-    out = tmp / "out"
-    out.mkdir()
-    for name in ("config.json", dts.LORA_FILE, dts.CLS_FILE, "ckpt.pt", "result.mp4", "metrics.json", "log.jsonl"):
-        (out / name).write_bytes(name.encode())
-    checksum = lambda: hashlib.sha256(b"".join(q.name.encode() + q.read_bytes() for q in sorted(out.rglob("*"))
-                                               if q.is_file())).hexdigest()
+    checksum = earlier_run(tmp / "out", ("config.json", dts.LORA_FILE, dts.CLS_FILE, "ckpt.pt", "result.mp4",
+                                         "metrics.json", "log.jsonl"))
     return {q.stem: str(q) for q in tmp.iterdir()}, checksum
 
 
@@ -587,16 +579,9 @@ BAD = {  # argv -> the words of the one-line error
 def test_bad_input_costs_nothing(case, tmp_path, capsys, monkeypatch):
     """Each bad input: exit code 2, one error line naming it (after any warnings about skipped records), no model
     loaded, the earlier run in --out unchanged."""
-    monkeypatch.setattr(dts, "load_models", lambda *a: pytest.fail("a model was loaded"))
     paths, checksum = _bad_world(tmp_path)
-    before = checksum()
     argv, words = BAD[case]
-    with pytest.raises(SystemExit) as e:
-        dts.main([a.format(**paths) for a in argv])
-    *warnings, err = capsys.readouterr().err.splitlines()
-    assert e.value.code == 2 and err.startswith("error: ") and words in err, err
-    assert all(w.startswith("warning: skipping") for w in warnings) and len(err) < 400
-    assert checksum() == before
+    check_bad_input(dts, [a.format(**paths) for a in argv], words, checksum, capsys, monkeypatch, warnings=True)
 
 
 def test_every_docstring_command_runs_with_dry_run(tmp_path, monkeypatch, capsys):

@@ -8,6 +8,7 @@ import torch
 import common
 import dualreal as dr_mod
 import toyworld as tw
+from helpers import check_bad_input, earlier_run, error_line
 
 FAST = ["--model", "toy", "--iterations", "4", "--warmup", "0", "--steps", "3", "--log-every", "2"]
 
@@ -242,46 +243,39 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         json.loads((tmp_path / "b" / "metrics.json").read_text())
 
 
-def _bad(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        dr_mod.main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
 def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
     subj, mot = tw.ASSETS / "toy" / "subject", tw.ASSETS / "toy" / "motion"
     empty = tmp_path / "empty"
     empty.mkdir()
     toy = ["--model", "toy"]
-    assert "--subject DIR and --motion VIDEO are needed" in _bad([], capsys)
-    assert "is not a folder" in _bad(toy + ["--subject", str(tmp_path / "nope")], capsys)
-    assert "has no image" in _bad(toy + ["--subject", str(empty)], capsys)
+    bad = lambda argv: error_line(dr_mod, argv, capsys)
+    assert "--subject DIR and --motion VIDEO are needed" in bad([])
+    assert "is not a folder" in bad(toy + ["--subject", str(tmp_path / "nope")])
+    assert "has no image" in bad(toy + ["--subject", str(empty)])
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "a.png").write_bytes(b"not a png")
-    assert "cannot read image" in _bad(toy + ["--subject", str(junk)], capsys)
-    assert "does not exist" in _bad(toy + ["--motion", str(tmp_path / "no.mp4")], capsys)
-    assert "holds neither frames" in _bad(toy + ["--motion", str(empty)], capsys)
+    assert "cannot read image" in bad(toy + ["--subject", str(junk)])
+    assert "does not exist" in bad(toy + ["--motion", str(tmp_path / "no.mp4")])
+    assert "holds neither frames" in bad(toy + ["--motion", str(empty)])
     short = tmp_path / "short"
     common.write_frames(short, tw.motion_clip()[:5])
-    assert "has 5 frames, 9 are needed" in _bad(toy + ["--motion", str(short)], capsys)
-    assert "does not contain the placeholder" in _bad(toy + ["--prompt", "a star moving left"], capsys)
+    assert "has 5 frames, 9 are needed" in bad(toy + ["--motion", str(short)])
+    assert "does not contain the placeholder" in bad(toy + ["--prompt", "a star moving left"])
     real = ["--subject", str(subj), "--motion", str(mot), "--frames", "9", "--prompt", "a sks star"]
-    assert "neither a local folder nor in the hub cache" in _bad(real + ["--model", str(tmp_path / "no")], capsys)
-    assert "holds no model_index.json" in _bad(real + ["--model", str(empty)], capsys)
+    assert "neither a local folder nor in the hub cache" in bad(real + ["--model", str(tmp_path / "no")])
+    assert "holds no model_index.json" in bad(real + ["--model", str(empty)])
     cached = tmp_path / "model"
     cached.mkdir()
     (cached / "model_index.json").write_text("{}")
-    assert "real models need --prompt" in _bad(real[:-2] + ["--model", str(cached)], capsys)
-    assert "does not exist; train first" in _bad(toy + ["--sample-only", "--out", str(empty)], capsys)
-    assert "no checkpoint" in _bad(toy + ["--resume", "--out", str(empty)], capsys)
-    assert "use it with --model toy" in _bad(real + ["--ablate"], capsys)
+    assert "real models need --prompt" in bad(real[:-2] + ["--model", str(cached)])
+    assert "does not exist; train first" in bad(toy + ["--sample-only", "--out", str(empty)])
+    assert "no checkpoint" in bad(toy + ["--resume", "--out", str(empty)])
+    assert "use it with --model toy" in bad(real + ["--ablate"])
     out = tmp_path / "out"
     out.mkdir()
     (out / "result.mp4").write_bytes(b"earlier")
-    _bad(toy + ["--prompt", "no placeholder", "--out", str(out)], capsys)
+    bad(toy + ["--prompt", "no placeholder", "--out", str(out)])
     assert (out / "result.mp4").read_bytes() == b"earlier" and len(list(out.iterdir())) == 1
 
 
@@ -421,15 +415,7 @@ def test_toy_run_with_bf16_frozen_weights(tmp_path):
     assert (tmp_path / "adapters.safetensors").is_file() and all(v == v for v in metrics.values())
 
 
-def _earlier_run(folder):
-    """--out holding an earlier run: its files and a checksum of all of them."""
-    import hashlib
-    folder.mkdir()
-    for name, data in {"config.json": b"{}", "adapters.safetensors": b"weights", "ckpt.pt": b"state",
-                       "result.mp4": b"video", "metrics.json": b"{}"}.items():
-        (folder / name).write_bytes(data)
-    return lambda: hashlib.sha256(b"".join(q.name.encode() + q.read_bytes() for q in sorted(folder.rglob("*"))
-                                           if q.is_file())).hexdigest()
+RUN = ("config.json", "adapters.safetensors", "ckpt.pt", "result.mp4", "metrics.json")  # what a run leaves
 
 
 BAD = {  # flags -> the words the one-line error must hold
@@ -468,20 +454,16 @@ BAD = {  # flags -> the words the one-line error must hold
 @pytest.mark.parametrize("case", BAD)
 def test_bad_flags_cost_nothing(case, tmp_path, capsys, monkeypatch):
     """Each bad flag: exit code 2, one line naming it, no model loaded, the earlier run in --out unchanged."""
-    monkeypatch.setattr(dr_mod, "load_models", lambda *a: pytest.fail("a model was loaded"))
-    checksum = _earlier_run(tmp_path / "out")
-    before = checksum()
+    checksum = earlier_run(tmp_path / "out", RUN)
     flags, words = BAD[case]
-    assert words in _bad(["--model", "toy", "--out", str(tmp_path / "out"), "--overwrite"] + flags, capsys)
-    assert checksum() == before
+    argv = ["--model", "toy", "--out", str(tmp_path / "out"), "--overwrite"] + flags
+    check_bad_input(dr_mod, argv, words, checksum, capsys, monkeypatch)
 
 
 def test_bad_files_cost_nothing(tmp_path, capsys, monkeypatch):
     """Bad paths and files, each before any model loads and leaving the earlier run as it was."""
-    monkeypatch.setattr(dr_mod, "load_models", lambda *a: pytest.fail("a model was loaded"))
     out = tmp_path / "out"
-    checksum = _earlier_run(out)
-    before = checksum()
+    checksum = earlier_run(out, RUN)
     toy = ["--model", "toy", "--out", str(out)]
     subject = tmp_path / "subject"
     subject.mkdir()
@@ -498,9 +480,7 @@ def test_bad_files_cost_nothing(tmp_path, capsys, monkeypatch):
              (toy + ["--sample-only"], "cannot read"),
              (toy + ["--overwrite", "--subject", str(tmp_path / "a_file")], "is not a folder")]
     for argv, words in cases:
-        err = _bad(argv, capsys)
-        assert words in err and len(err) < 400, (argv, err)
-        assert checksum() == before, argv
+        check_bad_input(dr_mod, argv, words, checksum, capsys, monkeypatch)
 
 
 def test_samples_are_written_during_training_without_changing_it(tmp_path):

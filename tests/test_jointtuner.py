@@ -1,15 +1,14 @@
 import copy
-import hashlib
 import json
-import shutil
 
-import imageio.v3 as iio
 import pytest
 import torch
 
 import common
 import jointtuner as jt
 import toyworld as tw
+from helpers import (MOT, SUBJ, check_bad_input, copy_of, earlier_run, empty_dir, error_line, png, put_file,
+                     with_ckpt)
 
 C = tw.LATENT_CHANNELS  # the toy VAE's latent channels
 
@@ -325,42 +324,34 @@ def test_samples_are_written_during_training_without_changing_it(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _bad(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        jt.main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
 def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
     subj, mot = tw.ASSETS / "toy" / "subject", tw.ASSETS / "toy" / "motion"
     empty = tmp_path / "empty"
     empty.mkdir()
     toy = ["--model", "toy"]
-    assert "is not a folder" in _bad(toy + ["--subject", str(tmp_path / "nope")], capsys)
-    assert "has no image" in _bad(toy + ["--subject", str(empty)], capsys)
+    assert "is not a folder" in error_line(jt, toy + ["--subject", str(tmp_path / "nope")], capsys)
+    assert "has no image" in error_line(jt, toy + ["--subject", str(empty)], capsys)
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "a.png").write_bytes(b"not a png")
-    assert "cannot read image" in _bad(toy + ["--subject", str(junk)], capsys)
-    assert "does not exist" in _bad(toy + ["--motion", str(tmp_path / "no.mp4")], capsys)
-    assert "holds neither frames" in _bad(toy + ["--motion", str(empty)], capsys)
+    assert "cannot read image" in error_line(jt, toy + ["--subject", str(junk)], capsys)
+    assert "does not exist" in error_line(jt, toy + ["--motion", str(tmp_path / "no.mp4")], capsys)
+    assert "holds neither frames" in error_line(jt, toy + ["--motion", str(empty)], capsys)
     short = tmp_path / "short"
     common.write_frames(short, tw.motion_clip()[:5])
-    assert "has 5 frames, 9 are needed" in _bad(toy + ["--motion", str(short)], capsys)
-    assert "does not contain the placeholder" in _bad(toy + ["--prompt", "a star moving left"], capsys)
+    assert "has 5 frames, 9 are needed" in error_line(jt, toy + ["--motion", str(short)], capsys)
+    assert "does not contain the placeholder" in error_line(jt, toy + ["--prompt", "a star moving left"], capsys)
     real = ["--subject", str(subj), "--motion", str(mot), "--frames", "9", "--model", str(tmp_path / "no")]
-    assert "--prompt is needed for a real model" in _bad(real, capsys)
+    assert "--prompt is needed for a real model" in error_line(jt, real, capsys)
     real += ["--prompt", "a sks star moving in a zigzag"]
-    assert "neither a local folder nor in the hub cache" in _bad(real, capsys)
-    assert "does not exist; train first" in _bad(toy + ["--sample-only", "--out", str(empty)], capsys)
-    assert "no checkpoint" in _bad(toy + ["--resume", "--out", str(empty)], capsys)
-    assert "use it with --model toy" in _bad(real + ["--ablate"], capsys)
+    assert "neither a local folder nor in the hub cache" in error_line(jt, real, capsys)
+    assert "does not exist; train first" in error_line(jt, toy + ["--sample-only", "--out", str(empty)], capsys)
+    assert "no checkpoint" in error_line(jt, toy + ["--resume", "--out", str(empty)], capsys)
+    assert "use it with --model toy" in error_line(jt, real + ["--ablate"], capsys)
     out = tmp_path / "out"
     out.mkdir()
     (out / "result.mp4").write_bytes(b"earlier")
-    _bad(toy + ["--prompt", "no placeholder", "--out", str(out)], capsys)
+    error_line(jt, toy + ["--prompt", "no placeholder", "--out", str(out)], capsys)
     assert (out / "result.mp4").read_bytes() == b"earlier" and len(list(out.iterdir())) == 1
 
 
@@ -452,15 +443,8 @@ def test_ablate_runs_every_row_and_writes_the_table(tmp_path, monkeypatch, capsy
     assert (cfg["offset_noise"], cfg["no_gate"], cfg["separate_lora"], cfg["two_stage"]) == ("none", True, True, True)
 
 
-def _earlier_run(folder):
-    """--out holding an earlier run (its files are stand-ins, so --resume and --sample-only find them damaged) and
-    a checksum of every file in it, names included."""
-    for name in ("config.json", "ckpt.pt", "log.jsonl", "metrics.json", "result.mp4", "result/000.png",
-                 "adapters.safetensors"):
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(name.encode())
-    return lambda: hashlib.sha256(b"".join(str(q.relative_to(folder)).encode() + q.read_bytes()
-                                           for q in sorted(folder.rglob("*")) if q.is_file())).hexdigest()
+RUN = ("config.json", "ckpt.pt", "log.jsonl", "metrics.json", "result.mp4", "result/000.png",  # what a run leaves
+       "adapters.safetensors")
 
 
 BAD_FLAGS = {  # flags -> the words the one-line error must hold
@@ -514,38 +498,10 @@ BAD_FLAGS = {  # flags -> the words the one-line error must hold
 def test_bad_flags_cost_nothing(case, tmp_path, capsys, monkeypatch):
     """Each bad flag: exit code 2, one line naming it, no model loaded, the earlier run in --out unchanged (even with
     --overwrite, which clears it only once the inputs have passed)."""
-    monkeypatch.setattr(jt, "load_models", lambda *a: pytest.fail("a model was loaded"))
-    checksum = _earlier_run(tmp_path / "out")
-    before = checksum()
+    checksum = earlier_run(tmp_path / "out", RUN)
     flags, words = BAD_FLAGS[case]
-    assert words in _bad(["--model", "toy", "--out", str(tmp_path / "out"), "--overwrite"] + flags, capsys)
-    assert checksum() == before
-
-
-SUBJ, MOT = tw.ASSETS / "toy" / "subject", tw.ASSETS / "toy" / "motion"
-
-
-def _png(height, width):
-    return iio.imwrite("<bytes>", common.to_uint8(torch.zeros(3, height, width)), extension=".png")
-
-
-def _copy(t, src, changes):
-    """A copy of a toy input folder under t with some files replaced ({name: bytes}) or deleted ({name: None})."""
-    dst = t / f"input{len(list(t.iterdir()))}"
-    shutil.copytree(src, dst)
-    for name, data in changes.items():
-        (dst / name).unlink() if data is None else (dst / name).write_bytes(data)
-    return str(dst)
-
-
-def _empty(t, name="empty"):
-    (t / name).mkdir(exist_ok=True)
-    return str(t / name)
-
-
-def _file(t, name, data):
-    (t / name).write_bytes(data)
-    return str(t / name)
+    argv = ["--model", "toy", "--out", str(tmp_path / "out"), "--overwrite"] + flags
+    check_bad_input(jt, argv, words, checksum, capsys, monkeypatch)
 
 
 def _gif(t, frames, caption=None):
@@ -561,12 +517,6 @@ STATE = dict(step=2, adapters={"a.lora_A.weight": torch.zeros(32, 8), "a.gate.we
              gen=None, rng=None)
 
 
-def _ckpt(out, state):
-    """out/ckpt.pt replaced by `state` (before the checksum is taken)."""
-    torch.save(state, out / "ckpt.pt")
-    return ["--resume"]
-
-
 def _adapters(out, method):
     """out/adapters.safetensors replaced by a valid file whose metadata names `method`."""
     from safetensors.torch import save_file
@@ -579,35 +529,36 @@ PROMPT = ["--prompt", "a sks star moving"]
 
 BAD_FILES = {  # (tmp folder, --out) -> flags, and the words the one-line error must hold
     "out holds a run": (lambda t, out: [], "holds an earlier run"),
-    "out is a file": (lambda t, out: ["--out", _file(t, "a_file", b"x")], "is a file, not a folder"),
+    "out is a file": (lambda t, out: ["--out", put_file(t, "a_file", b"x")], "is a file, not a folder"),
     "damaged checkpoint": (lambda t, out: ["--resume"], "cannot read the checkpoint"),
-    "another method's checkpoint": (lambda t, out: _ckpt(out, dict(stage="subject", step=2, lora={})),
+    "another method's checkpoint": (lambda t, out: with_ckpt(out, dict(stage="subject", step=2, lora={})),
                                     "holds no JointTuner training state"),
-    "checkpoint of another rank": (lambda t, out: _ckpt(out, STATE) + ["--rank", "16"], "was trained with --rank 32"),
-    "checkpoint with gates resumed with --no-gate": (lambda t, out: _ckpt(out, STATE) + ["--no-gate"],
+    "checkpoint of another rank": (lambda t, out: with_ckpt(out, STATE) + ["--rank", "16"],
+                                   "was trained with --rank 32"),
+    "checkpoint with gates resumed with --no-gate": (lambda t, out: with_ckpt(out, STATE) + ["--no-gate"],
                                                      "was trained without --no-gate"),
     "damaged adapters": (lambda t, out: ["--sample-only"], "out/adapters.safetensors ("),
     "another method's adapters": (lambda t, out: _adapters(out, "dualreal"), "holds no JointTuner adapters"),
-    "no adapters": (lambda t, out: ["--sample-only", "--out", _empty(t)], "does not exist; train first"),
+    "no adapters": (lambda t, out: ["--sample-only", "--out", empty_dir(t)], "does not exist; train first"),
     "no subject folder": (lambda t, out: ["--subject", str(t / "nope")], "is not a folder"),
-    "subject is a file": (lambda t, out: ["--subject", _file(t, "a.png", _png(32, 32))], "is not a folder"),
-    "no photos": (lambda t, out: ["--subject", _empty(t)], "has no image"),
-    "junk photo": (lambda t, out: ["--subject", _copy(t, SUBJ, {"0.png": b"not a png"})], "cannot read image"),
-    "truncated photo": (lambda t, out: ["--subject", _copy(t, SUBJ, {"1.png": (SUBJ / "1.png").read_bytes()[:60]})],
+    "subject is a file": (lambda t, out: ["--subject", put_file(t, "a.png", png(32, 32))], "is not a folder"),
+    "no photos": (lambda t, out: ["--subject", empty_dir(t)], "has no image"),
+    "junk photo": (lambda t, out: ["--subject", copy_of(t, SUBJ, {"0.png": b"not a png"})], "cannot read image"),
+    "truncated photo": (lambda t, out: ["--subject", copy_of(t, SUBJ, {"1.png": (SUBJ / "1.png").read_bytes()[:60]})],
                         "cannot read image"),
-    "empty prompt.txt": (lambda t, out: ["--subject", _copy(t, SUBJ, {"prompt.txt": b"\n"})], "prompt.txt is empty"),
-    "empty caption.txt": (lambda t, out: ["--motion", _copy(t, MOT, {"caption.txt": b" "})], "caption.txt is empty"),
+    "empty prompt.txt": (lambda t, out: ["--subject", copy_of(t, SUBJ, {"prompt.txt": b"\n"})], "prompt.txt is empty"),
+    "empty caption.txt": (lambda t, out: ["--motion", copy_of(t, MOT, {"caption.txt": b" "})], "caption.txt is empty"),
     "empty caption beside a video": (lambda t, out: ["--motion", _gif(t, 9, caption="")], "clip.txt is empty"),
     "no motion": (lambda t, out: ["--motion", str(t / "no.mp4")], "does not exist"),
-    "empty motion folder": (lambda t, out: ["--motion", _empty(t)], "holds neither frames nor video files"),
-    "corrupt video": (lambda t, out: ["--motion", _file(t, "clip.mp4", b"\x00\x00\x00\x18ftypmp42" + b"junk" * 100)],
+    "empty motion folder": (lambda t, out: ["--motion", empty_dir(t)], "holds neither frames nor video files"),
+    "corrupt video": (lambda t, out: ["--motion", put_file(t, "clip.mp4", b"\x00\x00\x00\x18ftypmp42" + b"junk" * 100)],
                       "cannot read video"),
-    "short clip": (lambda t, out: ["--motion", _copy(t, MOT, {f"00{i}.png": None for i in range(5, 9)})],
+    "short clip": (lambda t, out: ["--motion", copy_of(t, MOT, {f"00{i}.png": None for i in range(5, 9)})],
                    "has 5 frames, 9 are needed"),
     "short video": (lambda t, out: ["--motion", _gif(t, 4)], "has 4 frames, 9 are needed"),
-    "real model without a prompt": (lambda t, out: REAL + ["--model", _empty(t)],
+    "real model without a prompt": (lambda t, out: REAL + ["--model", empty_dir(t)],
                                     "--prompt is needed for a real model"),
-    "model folder without model_index.json": (lambda t, out: REAL + PROMPT + ["--model", _empty(t)],
+    "model folder without model_index.json": (lambda t, out: REAL + PROMPT + ["--model", empty_dir(t)],
                                               "holds no model_index.json"),
     "model nowhere": (lambda t, out: REAL + PROMPT + ["--model", str(t / "no-model")],
                       "neither a local folder nor in the hub cache"),
@@ -620,12 +571,8 @@ BAD_FILES = {  # (tmp folder, --out) -> flags, and the words the one-line error 
 def test_bad_files_cost_nothing(case, tmp_path, capsys, monkeypatch):
     """Each bad path or file: exit code 2, one short line naming it, before any model loads, and the earlier run in
     --out as it was."""
-    monkeypatch.setattr(jt, "load_models", lambda *a: pytest.fail("a model was loaded"))
     out = tmp_path / "out"
-    checksum = _earlier_run(out)
+    checksum = earlier_run(out, RUN)
     flags, words = BAD_FILES[case]
-    argv = ["--model", "toy", "--out", str(out)] + flags(tmp_path, out)
-    before = checksum()
-    err = _bad(argv, capsys)
-    assert words in err and len(err) < 400, err
-    assert checksum() == before
+    check_bad_input(jt, ["--model", "toy", "--out", str(out)] + flags(tmp_path, out), words, checksum, capsys,
+                    monkeypatch)

@@ -1,14 +1,13 @@
-import hashlib
 import json
-import shutil
 
-import imageio.v3 as iio
 import pytest
 import torch
 
 import common
 import smrabooth as sm
 import toyworld as tw
+from helpers import (MOT, SUBJ, check_bad_input, copy_of, earlier_run, empty_dir, error_line, png, put_file,
+                     with_ckpt)
 
 C = tw.LATENT_CHANNELS  # the toy VAE's latent channels
 
@@ -224,50 +223,40 @@ def test_samples_are_written_during_training_without_changing_it(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def _bad(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        sm.main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
 def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
     subj = tw.ASSETS / "toy" / "subject"
     mot = tw.ASSETS / "toy" / "motion"
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "--subject DIR and --motion VIDEO are needed" in _bad([], capsys)
-    assert "is not a folder" in _bad(["--subject", str(tmp_path / "nope"), "--motion", str(mot), "--model", "toy"],
-                                     capsys)
-    assert "has no image" in _bad(["--subject", str(empty), "--motion", str(mot), "--model", "toy"], capsys)
+    bad = lambda argv: error_line(sm, argv, capsys)
+    assert "--subject DIR and --motion VIDEO are needed" in bad([])
+    assert "is not a folder" in bad(["--subject", str(tmp_path / "nope"), "--motion", str(mot), "--model", "toy"])
+    assert "has no image" in bad(["--subject", str(empty), "--motion", str(mot), "--model", "toy"])
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "a.png").write_bytes(b"not a png")
-    assert "cannot read image" in _bad(["--subject", str(junk), "--motion", str(mot), "--model", "toy"], capsys)
+    assert "cannot read image" in bad(["--subject", str(junk), "--motion", str(mot), "--model", "toy"])
     masked = tmp_path / "masked"
     (masked / "masks").mkdir(parents=True)
     common.write_frames(masked, tw.subject_images()[0][:2])  # 000.png, 001.png
     common.write_frames(masked / "masks", tw.subject_images()[0][:1])
-    assert "no mask with the same name" in _bad(["--subject", str(masked), "--motion", str(mot), "--model", "toy"],
-                                                capsys)
+    assert "no mask with the same name" in bad(["--subject", str(masked), "--motion", str(mot), "--model", "toy"])
     short = tmp_path / "short"
     common.write_frames(short, tw.motion_clip()[:5])
-    assert "has 5 frames, 9 are needed" in _bad(["--subject", str(subj), "--motion", str(short), "--model", "toy"],
-                                               capsys)
-    assert "does not contain the placeholder" in _bad(["--model", "toy", "--prompt", "a star moving left"], capsys)
+    assert "has 5 frames, 9 are needed" in bad(["--subject", str(subj), "--motion", str(short), "--model", "toy"])
+    assert "does not contain the placeholder" in bad(["--model", "toy", "--prompt", "a star moving left"])
     real = ["--subject", str(subj), "--motion", str(mot), "--motion-frames", "9"]
-    assert "neither a local folder nor in the hub cache" in _bad(real + ["--model", str(tmp_path / "no-model")], capsys)
+    assert "neither a local folder nor in the hub cache" in bad(real + ["--model", str(tmp_path / "no-model")])
     wan = tmp_path / "wan"  # a model folder as far as the checks before loading can tell
     wan.mkdir()
     (wan / "model_index.json").write_text("{}")
-    assert "--dino 'facebook/dinov2-giant' is neither" in _bad(real + ["--model", str(wan)], capsys)
+    assert "--dino 'facebook/dinov2-giant' is neither" in bad(real + ["--model", str(wan)])
     dino = ["--dino", str(tw.ASSETS / "encoders" / "dinov2")]
-    assert "RAFT weights" in _bad(real + dino + ["--model", str(wan)], capsys)
+    assert "RAFT weights" in bad(real + dino + ["--model", str(wan)])
     out = tmp_path / "out"
     out.mkdir()
     (out / "result.mp4").write_bytes(b"earlier")
-    _bad(["--model", "toy", "--prompt", "no placeholder", "--out", str(out)], capsys)
+    bad(["--model", "toy", "--prompt", "no placeholder", "--out", str(out)])
     assert (out / "result.mp4").read_bytes() == b"earlier" and len(list(out.iterdir())) == 1
 
 
@@ -352,9 +341,10 @@ def test_motion_frames_that_the_window_cannot_use_end_with_one_line(tiny_wan, tm
     real = ["--model", str(tiny_wan / "wan"), "--dino", str(tw.ASSETS / "encoders" / "dinov2"), "--subject",
             str(tw.ASSETS / "toy" / "subject"), "--motion", str(tw.ASSETS / "toy" / "motion"), "--raft-weights",
             str(tiny_wan / "raft.pth"), "--dry-run", "--out", str(tmp_path)]
-    assert "encodes 4k+1 frames; use 5 or 9" in _bad(real + ["--motion-frames", "8"], capsys)
-    assert "shorter than MoRA's window of 6 latents (21 frames" in _bad(real + ["--motion-frames", "9"], capsys)
-    assert "3 or more latents" in _bad(real + ["--motion-frames", "9", "--mora-window", "2"], capsys)
+    assert "encodes 4k+1 frames; use 5 or 9" in error_line(sm, real + ["--motion-frames", "8"], capsys)
+    assert "shorter than MoRA's window of 6 latents (21 frames" in error_line(sm, real + ["--motion-frames", "9"],
+                                                                             capsys)
+    assert "3 or more latents" in error_line(sm, real + ["--motion-frames", "9", "--mora-window", "2"], capsys)
     assert sm.main(real + ["--motion-frames", "9", "--mora-window", "3"]) is None  # 9 frames = 3 latents: fits
     assert sm.main(real + ["--motion-frames", "9", "--no-mora"]) is None
 
@@ -387,15 +377,8 @@ def test_no_mask_ablation_ignores_the_shipped_masks():
     assert masks.min() == 1  # --no-mask: the region loss covers the whole image
 
 
-def _earlier_run(folder):
-    """--out holding an earlier run (its files are stand-ins, so --resume and --sample-only find them damaged) and
-    a checksum of every file in it, names included."""
-    for name in ("config.json", "ckpt.pt", "log.jsonl", "metrics.json", "result.mp4", "result/000.png",
-                 "subject_lora/pytorch_lora_weights.safetensors", "motion_lora/pytorch_lora_weights.safetensors"):
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(name.encode())
-    return lambda: hashlib.sha256(b"".join(str(q.relative_to(folder)).encode() + q.read_bytes()
-                                           for q in sorted(folder.rglob("*")) if q.is_file())).hexdigest()
+RUN = ("config.json", "ckpt.pt", "log.jsonl", "metrics.json", "result.mp4", "result/000.png",  # what a run leaves
+       "subject_lora/pytorch_lora_weights.safetensors", "motion_lora/pytorch_lora_weights.safetensors")
 
 
 BAD_FLAGS = {  # flags -> the words the one-line error must hold
@@ -456,38 +439,10 @@ BAD_FLAGS = {  # flags -> the words the one-line error must hold
 def test_bad_flags_cost_nothing(case, tmp_path, capsys, monkeypatch):
     """Each bad flag: exit code 2, one line naming it, no model loaded, the earlier run in --out unchanged (even with
     --overwrite, which clears it only once the inputs have passed)."""
-    monkeypatch.setattr(sm, "load_models", lambda *a: pytest.fail("a model was loaded"))
-    checksum = _earlier_run(tmp_path / "out")
-    before = checksum()
+    checksum = earlier_run(tmp_path / "out", RUN)
     flags, words = BAD_FLAGS[case]
-    assert words in _bad(["--model", "toy", "--out", str(tmp_path / "out"), "--overwrite"] + flags, capsys)
-    assert checksum() == before
-
-
-SUBJ, MOT = tw.ASSETS / "toy" / "subject", tw.ASSETS / "toy" / "motion"
-
-
-def _png(height, width):
-    return iio.imwrite("<bytes>", common.to_uint8(torch.zeros(3, height, width)), extension=".png")
-
-
-def _copy(t, src, changes):
-    """A copy of a toy input folder under t with some files replaced ({name: bytes}) or deleted ({name: None})."""
-    dst = t / f"input{len(list(t.iterdir()))}"
-    shutil.copytree(src, dst)
-    for name, data in changes.items():
-        (dst / name).unlink() if data is None else (dst / name).write_bytes(data)
-    return str(dst)
-
-
-def _empty(t, name="empty"):
-    (t / name).mkdir(exist_ok=True)
-    return str(t / name)
-
-
-def _file(t, name, data):
-    (t / name).write_bytes(data)
-    return str(t / name)
+    argv = ["--model", "toy", "--out", str(tmp_path / "out"), "--overwrite"] + flags
+    check_bad_input(sm, argv, words, checksum, capsys, monkeypatch)
 
 
 def _state(**changes):
@@ -508,12 +463,6 @@ def _raft():
     return raft_large(weights=None).state_dict()
 
 
-def _ckpt(t, out, state):
-    """out/ckpt.pt replaced by `state` (before the checksum is taken)."""
-    torch.save(state, out / "ckpt.pt")
-    return ["--resume"]
-
-
 def _real(t, *flags, raft=None):
     """A real-model run as far as the checks before loading can tell (a Wan folder, the bundled DINOv2)."""
     (t / "wan").mkdir(exist_ok=True)
@@ -526,44 +475,44 @@ def _real(t, *flags, raft=None):
 
 BAD_FILES = {  # (tmp folder, --out) -> flags, and the words the one-line error must hold
     "out holds a run": (lambda t, out: [], "holds an earlier run"),
-    "out is a file": (lambda t, out: ["--out", _file(t, "a_file", b"x")], "is a file, not a folder"),
+    "out is a file": (lambda t, out: ["--out", put_file(t, "a_file", b"x")], "is a file, not a folder"),
     "damaged checkpoint": (lambda t, out: ["--resume"], "cannot read the checkpoint"),
-    "another method's checkpoint": (lambda t, out: _ckpt(t, out, {"step": 3, "adapters": {}}),
+    "another method's checkpoint": (lambda t, out: with_ckpt(out, {"step": 3, "adapters": {}}),
                                     "holds no SMRABooth training state"),
-    "checkpoint of another rank": (lambda t, out: _ckpt(t, out, _state()) + ["--motion-rank", "16"],
+    "checkpoint of another rank": (lambda t, out: with_ckpt(out, _state()) + ["--motion-rank", "16"],
                                    "was trained with --motion-rank 64"),
-    "checkpoint of another projector": (lambda t, out: _ckpt(t, out, _state(projector={
+    "checkpoint of another projector": (lambda t, out: with_ckpt(out, _state(projector={
         "net.0.weight": torch.zeros(16, 64)})), "was trained with --proj-hidden 16"),
     "damaged LoRAs": (lambda t, out: ["--sample-only"], "subject_lora/pytorch_lora_weights.safetensors ("),
-    "no LoRAs": (lambda t, out: ["--sample-only", "--out", _empty(t)], "does not exist; train first"),
+    "no LoRAs": (lambda t, out: ["--sample-only", "--out", empty_dir(t)], "does not exist; train first"),
     "no subject folder": (lambda t, out: ["--subject", str(t / "nope")], "is not a folder"),
-    "subject is a file": (lambda t, out: ["--subject", _file(t, "a.png", _png(32, 32))], "is not a folder"),
-    "no photos": (lambda t, out: ["--subject", _empty(t)], "has no image"),
-    "junk photo": (lambda t, out: ["--subject", _copy(t, SUBJ, {"0.png": b"not a png"})], "cannot read image"),
-    "truncated photo": (lambda t, out: ["--subject", _copy(t, SUBJ, {"1.png": (SUBJ / "1.png").read_bytes()[:60]})],
+    "subject is a file": (lambda t, out: ["--subject", put_file(t, "a.png", png(32, 32))], "is not a folder"),
+    "no photos": (lambda t, out: ["--subject", empty_dir(t)], "has no image"),
+    "junk photo": (lambda t, out: ["--subject", copy_of(t, SUBJ, {"0.png": b"not a png"})], "cannot read image"),
+    "truncated photo": (lambda t, out: ["--subject", copy_of(t, SUBJ, {"1.png": (SUBJ / "1.png").read_bytes()[:60]})],
                         "cannot read image"),
-    "mask of another size": (lambda t, out: ["--subject", _copy(t, SUBJ, {"masks/2.png": _png(16, 32)})],
+    "mask of another size": (lambda t, out: ["--subject", copy_of(t, SUBJ, {"masks/2.png": png(16, 32)})],
                              "is 32x16, its photo 32x32: a mask must have its photo's size"),
-    "missing mask": (lambda t, out: ["--subject", _copy(t, SUBJ, {"masks/3.png": None})],
+    "missing mask": (lambda t, out: ["--subject", copy_of(t, SUBJ, {"masks/3.png": None})],
                      "no mask with the same name"),
-    "junk mask": (lambda t, out: ["--subject", _copy(t, SUBJ, {"masks/0.png": b"junk"})], "cannot read image"),
-    "empty prompt.txt": (lambda t, out: ["--subject", _copy(t, SUBJ, {"prompt.txt": b"\n"})], "prompt.txt is empty"),
-    "empty caption.txt": (lambda t, out: ["--motion", _copy(t, MOT, {"caption.txt": b" "})], "caption.txt is empty"),
+    "junk mask": (lambda t, out: ["--subject", copy_of(t, SUBJ, {"masks/0.png": b"junk"})], "cannot read image"),
+    "empty prompt.txt": (lambda t, out: ["--subject", copy_of(t, SUBJ, {"prompt.txt": b"\n"})], "prompt.txt is empty"),
+    "empty caption.txt": (lambda t, out: ["--motion", copy_of(t, MOT, {"caption.txt": b" "})], "caption.txt is empty"),
     "no motion": (lambda t, out: ["--motion", str(t / "no.mp4")], "does not exist"),
-    "empty motion folder": (lambda t, out: ["--motion", _empty(t)], "holds neither frames nor video files"),
-    "corrupt video": (lambda t, out: ["--motion", _file(t, "clip.mp4", b"\x00\x00\x00\x18ftypmp42" + b"junk" * 100)],
+    "empty motion folder": (lambda t, out: ["--motion", empty_dir(t)], "holds neither frames nor video files"),
+    "corrupt video": (lambda t, out: ["--motion", put_file(t, "clip.mp4", b"\x00\x00\x00\x18ftypmp42" + b"junk" * 100)],
                       "cannot read video"),
-    "short clip": (lambda t, out: ["--motion", _copy(t, MOT, {f"00{i}.png": None for i in range(5, 9)})],
+    "short clip": (lambda t, out: ["--motion", copy_of(t, MOT, {f"00{i}.png": None for i in range(5, 9)})],
                    "has 5 frames, 9 are needed"),
     "real model without inputs": (lambda t, out: ["--model", str(t / "wan")],
                                   "--subject DIR and --motion VIDEO are needed"),
-    "model folder without model_index.json": (lambda t, out: _real(t, "--model", _empty(t)),
+    "model folder without model_index.json": (lambda t, out: _real(t, "--model", empty_dir(t)),
                                               "holds no model_index.json"),
     "model nowhere": (lambda t, out: _real(t, "--model", str(t / "no-model")),
                       "neither a local folder nor in the hub cache"),
     "dino nowhere": (lambda t, out: _real(t, "--dino", str(t / "no-dino")), "--dino '"),
     "no RAFT weights": (lambda t, out: _real(t), "MoRA needs torchvision RAFT weights"),
-    "damaged RAFT weights": (lambda t, out: _real(t, raft=_file(t, "raft.pth", b"junk")),
+    "damaged RAFT weights": (lambda t, out: _real(t, raft=put_file(t, "raft.pth", b"junk")),
                              "is not torchvision's raft_large state dict"),
     "other RAFT weights": (lambda t, out: _real(t, raft=_saved(t, {"w": torch.zeros(2)})),
                            "is not torchvision's raft_large state dict"),
@@ -577,12 +526,8 @@ BAD_FILES = {  # (tmp folder, --out) -> flags, and the words the one-line error 
 def test_bad_files_cost_nothing(case, tmp_path, capsys, monkeypatch):
     """Each bad path or file: exit code 2, one short line naming it, before any model loads, and the earlier run in
     --out as it was."""
-    monkeypatch.setattr(sm, "load_models", lambda *a: pytest.fail("a model was loaded"))
     out = tmp_path / "out"
-    checksum = _earlier_run(out)
+    checksum = earlier_run(out, RUN)
     flags, words = BAD_FILES[case]
-    argv = ["--model", "toy", "--out", str(out)] + flags(tmp_path, out)
-    before = checksum()
-    err = _bad(argv, capsys)
-    assert words in err and len(err) < 400, err
-    assert checksum() == before
+    check_bad_input(sm, ["--model", "toy", "--out", str(out)] + flags(tmp_path, out), words, checksum, capsys,
+                    monkeypatch)
