@@ -582,32 +582,3 @@ def test_bad_input_costs_nothing(case, tmp_path, capsys, monkeypatch):
     paths, checksum = _bad_world(tmp_path)
     argv, words = BAD[case]
     check_bad_input(dts, [a.format(**paths) for a in argv], words, checksum, capsys, monkeypatch, warnings=True)
-
-
-def test_every_docstring_command_runs_with_dry_run(tmp_path, monkeypatch, capsys):
-    """The commands at the top of the file, each with --dry-run: inputs checked, the plan printed, nothing loaded."""
-    import shlex
-    from PIL import Image
-    from safetensors.torch import save_file
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(dts, "load_models", lambda *a: pytest.fail("a model was loaded"))
-    monkeypatch.setattr(common, "check_pretrained", lambda *a, **k: None)  # CogVideoX-5B is not in this cache
-    Image.new("RGB", (64, 64)).save("ref.png")                             # what the commands name
-    (tmp_path / "PAIRS").mkdir()
-    Image.new("RGB", (64, 64)).save("PAIRS/a.png")
-    (tmp_path / "PAIRS" / "pairs.jsonl").write_text(json.dumps(dict(ref="a.png", target="a.png", prompt="a <cls>")))
-    common.write_video(tmp_path / "VIDEOS" / "0.gif", torch.zeros(9, 3, 8, 8), 4)
-    (tmp_path / "VIDEOS" / "0.txt").write_text("a dog")
-    run = tmp_path / "out" / "dual_task_sdv"
-    run.mkdir(parents=True)
-    save_file({"x": torch.zeros(1)}, str(run / dts.LORA_FILE))
-    commands = [line.split("dual_task_sdv.py", 1)[1] for line in dts.__doc__.splitlines()
-                if line.strip().startswith(("python dual_task_sdv.py", "torchrun"))]
-    assert len(commands) >= 5
-    for command in commands:  # a trained run in out/dual_task_sdv, of the model the command names
-        model = "toy" if "--model toy" in command else "THUDM/CogVideoX-5b"
-        save_file({dts.CLS: torch.zeros(4)}, str(run / dts.CLS_FILE), metadata=dict(model=model))
-        assert dts.main(shlex.split(command, comments=True) + ["--dry-run"]) is None
-        plan = capsys.readouterr().out
-        assert "model: " in plan and "out: " in plan, command
-    assert sorted(q.name for q in run.iterdir()) == sorted([dts.CLS_FILE, dts.LORA_FILE])  # nothing written
