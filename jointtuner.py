@@ -193,7 +193,7 @@ def load_models(args, device, dtype):
     """ZeroScope/ModelScope (3D UNet, SD VAE, CLIP text encoder and tokenizer, DDIM) from a hub id / local folder,
     or the toy world's tiny UNet3D, VAE and CLIP for --model toy."""
     if args.model == "toy":
-        m = dict(unet=toyworld.load_backbone("unet3d"), vae=toyworld.load_vae_for("unet3d"),
+        m = dict(unet=toyworld.load_backbone("unet3d"), vae=toyworld.load_vae(),
                  tokenizer=toyworld.tokenizer("clip"), text_encoder=toyworld.text_encoder("clip"),
                  scheduler=toyworld.noise_schedule("unet3d"))
     else:

@@ -235,7 +235,7 @@ def load_models(args, device, dtype):
     from hub ids / local folders, or the toy world's tiny models and stand-ins for --model toy."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     if args.model == "toy":
-        m = dict(transformer=toyworld.load_backbone("wan"), vae=toyworld.load_vae_for("wan"),
+        m = dict(transformer=toyworld.load_backbone("wan"), vae=toyworld.load_vae(),
                  tokenizer=toyworld.tokenizer("t5"), text_encoder=toyworld.text_encoder("umt5"),
                  dino=toyworld.image_encoder("dinov2"), flow=toyworld.toy_flow,  # stand-ins for DINOv2 and RAFT
                  scheduler=FlowMatchEulerDiscreteScheduler(shift=args.shift))

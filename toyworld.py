@@ -231,18 +231,6 @@ def load_vae(path=None):
     return vae.eval().requires_grad_(False)
 
 
-def load_vae_for(family, path=None):
-    """The VAE whose latents a toy backbone file was trained in: the toy VAE, or, for a file of toy world v1 (no
-    'vae' in its metadata), v1's pixel VAE."""
-    from safetensors import safe_open
-    path = Path(path or backbone_path(family))
-    if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            if "vae" not in f.metadata():
-                return PixelVAE()
-    return load_vae()
-
-
 def random_frames(n, gen):
     """n frames of clips of any concept (every shape, pattern, colour, background and motion), one random frame
     of each, so the sprites sit wherever the clips put them."""
@@ -329,58 +317,6 @@ def export_vae(vae, out, stats, step):
     (tmp / "training.json").write_text(json.dumps(dict(steps=step), indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-
-
-# toy world v1's "VAE", kept only while v1 backbones are shipped (they were pretrained in it): space-to-depth by 4
-# turns a (3, F, 32, 32) clip into a (48, F, 8, 8) latent, losslessly, with no weights.
-
-
-class _Latents:
-    def __init__(self, z):
-        self.z = z
-
-    def sample(self, generator=None):
-        return self.z
-
-    def mode(self):
-        return self.z
-
-
-class PixelVAE(torch.nn.Module):
-    """Identity 'VAE' with the encode/decode interface of the real ones: encode(x).latent_dist.sample(),
-    decode(z).sample, and the config fields the methods and pipelines read (no temporal compression)."""
-    factor = 4
-
-    def __init__(self):
-        super().__init__()
-        c = 3 * self.factor ** 2
-        self.config = argparse.Namespace(scaling_factor=1.0, shift_factor=None, z_dim=c, latent_channels=c,
-                                         latents_mean=[0.0] * c, latents_std=[1.0] * c, scale_factor_temporal=1,
-                                         scale_factor_spatial=self.factor, temporal_compression_ratio=1,
-                                         block_out_channels=[c] * 3, invert_scale_latents=False)
-        self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
-
-    @property
-    def device(self):  # pipelines ask their modules for device and dtype
-        return self._device_probe.device
-
-    @property
-    def dtype(self):
-        return self._device_probe.dtype
-
-    def _apply_5d(self, x, fn):  # accepts (B, C, H, W) images and (B, C, F, H, W) videos
-        if x.ndim == 4:
-            return fn(x)
-        b, f = x.shape[0], x.shape[2]
-        y = fn(x.transpose(1, 2).flatten(0, 1))
-        return y.unflatten(0, (b, f)).transpose(1, 2)
-
-    def encode(self, x, return_dict=True):
-        z = self._apply_5d(x, lambda y: F.pixel_unshuffle(y, self.factor))
-        return argparse.Namespace(latent_dist=_Latents(z))
-
-    def decode(self, z, return_dict=True):
-        return argparse.Namespace(sample=self._apply_5d(z, lambda y: F.pixel_shuffle(y, self.factor)))
 
 
 # -----------------------------------------------------------------------------
@@ -533,7 +469,7 @@ FAMILIES = {  # each family keeps its real objective, text encoder, prompt conve
     "unet3d": dict(cls="UNet3DConditionModel", pred="eps", text="clip", zero_pad=False, config=dict(
         sample_size=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        block_out_channels=(64, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
         attention_head_dim=4)),
 }
 
@@ -565,7 +501,7 @@ def load_backbone(family, path=None, require=False):
     model = build_backbone(family, json.loads(meta["config"]))
     model.load_state_dict(load_file(str(path)))
     print(f"toy {family} backbone: {path.name}, pretrained {meta['steps']} steps, {meta['samples_seen']} samples")
-    if "vae" in meta and meta["vae"] != vae_fingerprint():  # it only understands the latents it was trained in
+    if meta.get("vae") != vae_fingerprint():  # it only understands the latents it was trained in
         print(f"warning: {path.name} was pretrained in the latents of another toy VAE than {vae_path()}; "
               f"its samples will not make sense (python toyworld.py pretrain --family {family} retrains it)")
     return model.eval().requires_grad_(False)
@@ -581,14 +517,8 @@ def noise_schedule(family):
         return CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                       rescale_betas_zero_snr=True, prediction_type="v_prediction",
                                       timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
-    # ZeroScope's betas end at a noise level that is not pure noise, so an epsilon-predictor's estimate of x0 at the
-    # first steps is its small error times ~15: a young toy UNet's estimates there are worse than guessing 0 (mean
-    # squared error 1.7 at t = 999 against a data variance of 0.5, measured at 88k samples) and its samples stay
-    # noise. The toy latents are pixels in [-1, 1], so x0 is clipped to that range at each step, as pixel-space
-    # DDPM/DDIM do; ZeroScope's own latents are unbounded and its scheduler (the real run's) does not clip. (That is
-    # toy world v1's pixel VAE; the clip goes with it when a toy UNet3D pretrained in the toy VAE's latents ships.)
-    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=True,
-                         clip_sample_range=1.0, set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
 
 
 def backbone_forward(family, model, z, t, text):
@@ -682,8 +612,9 @@ def pretrain(args):
         from safetensors.torch import load_file
         with safe_open(str(out), "pt") as f:
             meta = f.metadata()
-        if "vae" not in meta:
-            common.fail(f"--resume: {out} was pretrained in toy world v1's pixel latents; pretrain from scratch")
+        if meta.get("vae") != vae_fingerprint():  # it only understands the latents it was trained in
+            common.fail(f"--resume: {out} was pretrained in another VAE's latents than {vae_path()}; "
+                        "pretrain from scratch")
         weights = load_file(str(out))  # loaded into the model built below from the file's own config
         config, step, seen = json.loads(meta["config"]), int(meta["steps"]), int(meta["samples_seen"])
         gen.manual_seed(args.seed + step)
@@ -899,7 +830,7 @@ def apply_preset(args, parser, argv, preset):
 
 def cogvideox_parts(dtype=torch.float32):
     """The toy CogVideoX as common.load_cogvideox returns the real one (the VAE stays fp32, as the methods keep it)."""
-    return dict(transformer=load_backbone("cogvideox").to(dtype), vae=load_vae_for("cogvideox"),
+    return dict(transformer=load_backbone("cogvideox").to(dtype), vae=load_vae(),
                 tokenizer=tokenizer("t5"), text_encoder=text_encoder("t5").to(dtype),
                 scheduler=noise_schedule("cogvideox"))
 
@@ -1105,7 +1036,7 @@ def cmd_eval_base(args):
     its nearest familiar prompt gets to the novel subject and motion (it should not get there)."""
     fam = FAMILIES[args.family]
     torch.manual_seed(args.seed)  # the random stand-in, when no pretrained backbone exists yet, is seeded too
-    model, vae = load_backbone(args.family, args.ckpt), load_vae_for(args.family, args.ckpt)
+    model, vae = load_backbone(args.family, args.ckpt), load_vae()
     tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
     concepts = random_concepts(args.n, torch.Generator().manual_seed(args.seed), heldout=True)
     image = args.frames == 1  # single frames: appearance alone, with the pretraining's still-image captions

@@ -226,7 +226,7 @@ def test_the_saved_lora_loads_in_a_cogvideox_pipeline_as_in_our_loader(tmp_path)
     m = dict(transformer=model, cls=torch.nn.Parameter(torch.randn(32)))
     dts.save_lora(model, m, argparse.Namespace(model="toy", iterations=1, p=0.2), tmp_path)
     pipe = CogVideoXPipeline(tokenizer=tw.tokenizer("t5"), text_encoder=tw.text_encoder("t5"), transformer=base,
-                             vae=tw.load_vae_for("cogvideox"), scheduler=tw.noise_schedule("cogvideox"))
+                             vae=tw.load_vae(), scheduler=tw.noise_schedule("cogvideox"))
     pipe.load_lora_weights(str(tmp_path))
     mine = dict(transformer=ours, cls=torch.nn.Parameter(torch.zeros(32)))
     dts.load_lora(mine, tmp_path, dts.read_cls(tmp_path, "toy"))

@@ -94,16 +94,6 @@ def test_the_shipped_vae_reconstructs_the_bundled_subject_and_motion():
         assert 0.3 < float(z.std()) < 3  # about unit variance, as the backbones expect
 
 
-def test_the_toy_unet3d_sampler_keeps_x0_in_the_pixel_range():
-    """The toy latents are pixels in [-1, 1]; the epsilon family's DDIM clips its x0 estimate to that range."""
-    sched = tw.noise_schedule("unet3d")
-    sched.set_timesteps(20)
-    z = torch.randn(2, 48, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = sched.step(3 * torch.randn_like(z), sched.timesteps[0], z)
-    assert out.pred_original_sample.abs().max() <= 1.0
-    assert out.pred_original_sample.abs().max() == 1.0  # the unclipped estimate was far outside
-
-
 @pytest.mark.parametrize("family", list(tw.FAMILIES))
 def test_backbone_learns_a_fixed_batch_and_samples(family):
     torch.manual_seed(0)
@@ -207,19 +197,17 @@ def test_pretrain_runs_resumes_and_exports(tmp_path, monkeypatch):
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["steps"] == "4" and meta["samples_seen"] == "16" and json.loads(meta["config"])["num_layers"] == 4
-    # it was trained in the toy VAE's latents and says so; a file without that record is toy world v1's
-    assert meta["vae"] == tw.vae_fingerprint() and isinstance(tw.load_vae_for("wan", out), tw.FrameVAE)
+    assert meta["vae"] == tw.vae_fingerprint()  # it was trained in the toy VAE's latents and says so
 
 
-def test_a_toy_world_v1_file_pairs_with_the_pixel_vae_and_is_not_resumed_in_latents(tmp_path):
+def test_a_backbone_of_another_vaes_latents_is_not_resumed(tmp_path):
     from safetensors.torch import save_file
-    v1 = tmp_path / "v1.safetensors"
-    model = tw.build_backbone("wan", dict(tw.FAMILIES["wan"]["config"], in_channels=48, out_channels=48))
-    save_file(model.state_dict(), str(v1), metadata=dict(family="wan", config=json.dumps(model.config), steps="1",
-                                                         samples_seen="1"))
-    assert isinstance(tw.load_vae_for("wan", v1), tw.PixelVAE)
+    other = tmp_path / "other.safetensors"
+    model = tw.build_backbone("wan")
+    save_file(model.state_dict(), str(other), metadata=dict(family="wan", config=json.dumps(model.config),
+                                                            steps="1", samples_seen="1", vae="0123456789abcdef"))
     with pytest.raises(SystemExit) as e:
-        tw.main(["pretrain", "--family", "wan", "--steps", "2", "--resume", "--out", str(v1),
+        tw.main(["pretrain", "--family", "wan", "--steps", "2", "--resume", "--out", str(other),
                  "--ckpt", str(tmp_path / "none.pt")])
     assert e.value.code == 2
 
