@@ -342,15 +342,14 @@ def predicted_x0(kind, x_t, out, t, alphas_cumprod=None):
 
 def add_lora(model, name, rank, targets, alpha=None, dropout=0.0, **extra):
     """Add a peft LoRA named `name` (the base weights are frozen by add_adapter) with fp32 LoRA weights."""
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=targets,
                      init_lora_weights=True, **extra)
     with warnings.catch_warnings():  # several named adapters on one model is what the methods want
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         model.add_adapter(cfg, adapter_name=name)
-    for n, p in model.named_parameters():
-        if f".{name}." in n:
-            p.data = p.data.float()
+    cast_training_params(model)  # the trainable parameters (this adapter's) to fp32, over frozen bf16 weights
     return [p for n, p in model.named_parameters() if f".{name}." in n]
 
 

@@ -105,6 +105,14 @@ def test_encode_prompts_caches_and_keeps_order():
     assert common.encode_prompts(tok, enc, ["a red circle"], 16, True, cache).abs().sum() == 0
 
 
+def test_lora_weights_train_in_fp32_over_bf16_weights():
+    model = tw.build_backbone("wan").to(torch.bfloat16)
+    subject = common.add_lora(model, "subject", 4, ["to_q", "to_v"])
+    motion = common.add_lora(model, "motion", 4, ["to_q", "to_v"])
+    assert subject and motion and all(p.dtype == torch.float32 for p in subject + motion)
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "lora" not in n)
+
+
 def test_lora_scales_per_layer_and_save_load(tmp_path):
     from diffusers import WanPipeline
     model = tw.build_backbone("wan")
