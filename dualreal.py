@@ -46,8 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--class-word", help="the subject's class (default: SUBJECT/prompt.txt, else 'object')")
     p.add_argument("--motion-caption", help="the motion video's caption (default: the .txt beside the video or "
                                             "caption.txt in its folder, else 'moving')")
-    p.add_argument("--prompt", help="sampling prompt; needed for real models (toy default: 'a sks <class word> "
-                                    "<motion caption>', the toy captions being verb phrases)")
+    p.add_argument("--prompt", help="sampling prompt; needed for real models (toy default: 'a sks star' + the "
+                                    "motion caption's motion and background)")
     p.add_argument("--negative-prompt", default="", help="unconditional prompt of guidance")
     p.add_argument("--placeholder", default="sks", help="the subject's identifier word")
     p.add_argument("--height", type=int, default=480, help="training and sampling height (supplement: 480x720)")
@@ -175,7 +175,10 @@ def read_inputs(args):
     if args.prompt is None and args.model != "toy":  # a real caption names its own subject ("a person playing...")
         common.fail('real models need --prompt (the video you want, e.g. "a sks dog doing push ups in a saloon"); '
                     "the paper's prompts are written by hand")
-    prompts = dict(subject=subject, motion=caption, sample=args.prompt or f"{subject} {caption}")
+    # the video trains under its own caption (the whole clip); the paper's sampling prompts are an LLM's, the subject
+    # and motion enriched with details and a setting (supp. sec. 1, Prompts), so --model toy writes its own from the
+    # world's words
+    prompts = dict(subject=subject, motion=caption, sample=args.prompt or toyworld.sample_prompt(subject, caption))
     if args.placeholder not in prompts["sample"].split():
         common.fail(f"the prompt {prompts['sample']!r} does not contain the placeholder word {args.placeholder!r}")
     return images, videos, prompts, clips

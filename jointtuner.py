@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--motion-caption", help="the motion video's caption, e.g. 'a person playing the flute' "
                                             "(default: the .txt beside the video or caption.txt in its folder)")
     p.add_argument("--prompt", help="sampling prompt, the subject doing the motion, e.g. 'a sks dog playing the "
-                                    "flute in the snow' (needed for real models; toy: 'a sks <class> <caption>')")
+                                    "flute in the snow' (needed for real models; toy: 'a sks star' + the caption's "
+                                    "motion and background)")
     p.add_argument("--negative-prompt", default="", help="unconditional prompt of guidance (the paper does not "
                                                          "say; the official script passes a list of defects)")
     p.add_argument("--placeholder", default="sks", help="the subject's identifier word ('' for none, as the code)")
@@ -178,8 +179,10 @@ def read_inputs(args):
     if not args.prompt and args.model != "toy":  # a real caption names its own subject ('a person playing the flute')
         common.fail(f"--prompt is needed for a real model: the subject doing the motion, as the paper's prompts (e.g. "
                     f"'{subject} playing the flute in the snow'); the motion caption is {motion_caption!r}")
-    # the toy captions are verb phrases ('moving in a zigzag'), which compose with the subject
-    prompts = dict(subject=subject, motion=motion_caption, sample=args.prompt or f"{subject} {motion_caption}")
+    # the video is trained under its own caption (supp. B.2: BLIP-2's, the whole clip); the paper's sampling prompts
+    # put each subject-motion pair in 5 settings (supp. B.1), so --model toy writes its own from the world's words
+    sample = args.prompt or toyworld.sample_prompt(subject, motion_caption)
+    prompts = dict(subject=subject, motion=motion_caption, sample=sample)
     if args.placeholder and args.placeholder not in prompts["sample"].split():
         common.fail(f"the prompt {prompts['sample']!r} does not contain the placeholder word {args.placeholder!r}")
     return images, videos, prompts, clips

@@ -45,9 +45,10 @@ def parse_args(argv=None):
                                      "+ prompt.txt with the class word)")
     p.add_argument("--motion", help="reference video file, a folder of its frames, or a folder of clips")
     p.add_argument("--class-word", help="the subject's class (default: SUBJECT/prompt.txt, else 'object')")
-    p.add_argument("--motion-caption", help="what the motion is, e.g. 'dancing' (default: the .txt beside the "
-                                            "video or caption.txt in its folder, else 'moving')")
-    p.add_argument("--prompt", help="sampling prompt (default: 'a sks <class word> <motion caption>')")
+    p.add_argument("--motion-caption", help="the video's caption, its content and motion (supp. sec. 3) (default: "
+                                            "the .txt beside the video or caption.txt in its folder, else 'moving')")
+    p.add_argument("--prompt", help="sampling prompt (default: 'a sks <class word> <motion caption>', for a caption "
+                                    "like 'dancing'; toy: 'a sks star' + the caption's motion and background)")
     p.add_argument("--placeholder", default="sks", help="the subject's identifier word")
     p.add_argument("--subject-size", type=int, default=512, help="subject photos are resized/cropped to this")
     p.add_argument("--motion-size", type=int, nargs=2, default=[320, 576], metavar=("H", "W"))
@@ -210,8 +211,13 @@ def read_inputs(args):
     class_word = args.class_word or common.read_text(folder / "prompt.txt", "object")
     sidecar = motion.with_suffix(".txt") if motion.is_file() else motion / "caption.txt"
     motion_caption = args.motion_caption or common.read_text(sidecar, "moving")
-    prompts = dict(subject=f"a picture of {args.placeholder} {class_word}", motion=motion_caption,
-                   sample=args.prompt or f"a {args.placeholder} {class_word} {motion_caption}")
+    # supp. sec. 3: the photos are captioned "A picture of V* <subject name>", the video by a detailed caption of its
+    # content and motion; the sampling prompts are GPT-4o's (subject + motion + a setting), so --model toy writes its
+    # own from the world's words (toyworld.sample_prompt); real runs default to 'a sks CLASS CAPTION'
+    subject = f"a {args.placeholder} {class_word}"
+    sample = args.prompt or (toyworld.sample_prompt(subject, motion_caption) if args.model == "toy"
+                             else f"{subject} {motion_caption}")
+    prompts = dict(subject=f"a picture of {args.placeholder} {class_word}", motion=motion_caption, sample=sample)
     if args.placeholder not in prompts["sample"].split():
         common.fail(f"the prompt {prompts['sample']!r} does not contain the placeholder word {args.placeholder!r}")
     return images, masks, videos, prompts

@@ -960,9 +960,34 @@ def subject_images(n=4, seed=0):
     return video[:, 0], mask[:, 0]
 
 
+MOTION_CLIP = dict(MOTION_SPRITE, motion="zigzag", background="gray")  # the bundled motion clip's concept
+
+
 def motion_clip(seed=0):
     """The bundled novel motion: a familiar sprite (MOTION_SPRITE) moving in a zigzag on a gray background."""
-    return render([dict(MOTION_SPRITE, motion="zigzag", background="gray")], torch.Generator().manual_seed(seed))[0]
+    return render([MOTION_CLIP], torch.Generator().manual_seed(seed))[0]
+
+
+def motion_caption():
+    """The bundled clip's caption.txt, the whole clip in the world's words: 'a blue striped square moving in a zigzag
+    on a gray background'. The papers caption their reference videos so: SMRABooth supp. sec. 3 (a detailed GPT-4o
+    caption of the content and its motion), JointTuner supp. B.2 (BLIP-2 captions), DualReal (the video's caption)."""
+    return caption(MOTION_CLIP)
+
+
+def sample_prompt(subject, clip_caption):
+    """--model toy's sampling prompt: the subject ('a sks star') doing the motion named in the motion clip's caption,
+    on that caption's background: 'a sks star moving in a zigzag on a gray background'. The papers write these by
+    hand or with an LLM (SMRABooth supp. sec. 3: GPT-4o pairs subject and motion and adds a setting; JointTuner supp.
+    B.1: each pair in 5 settings; DualReal supp. sec. 1: an LLM enriches them), so the toy world writes its own from
+    its words. The background is named because every pretraining caption names one."""
+    text = f" {' '.join(clip_caption.split())} "
+    motions = [m for m in MOTION_WORDS.values() if f" {m} " in text]
+    backgrounds = [b for b in BACKGROUNDS if f" on a {b} background " in text]
+    if not motions or not backgrounds:
+        common.fail(f"the motion caption {clip_caption!r} names no toy motion and background (as "
+                    f"{motion_caption()!r}), from which --model toy writes its prompt: give --prompt")
+    return f"{subject} {motions[0]} on a {backgrounds[0]} background"
 
 
 def make_assets():
@@ -988,7 +1013,7 @@ def make_assets():
     (subj / "prompt.txt").write_text(SUBJECT["shape"] + "\n")  # the class word
     clip = motion_clip()
     common.write_frames(ASSETS / "toy" / "motion", clip)
-    (ASSETS / "toy" / "motion" / "caption.txt").write_text(MOTION_WORDS["zigzag"] + "\n")
+    (ASSETS / "toy" / "motion" / "caption.txt").write_text(motion_caption() + "\n")
     common.write_video(ASSETS / "toy" / "motion.gif", clip, fps=4, upscale=4)
     common.write_video(ASSETS / "toy" / "subject.gif", images, fps=1, upscale=4)
     print(f"wrote {ASSETS}")

@@ -285,6 +285,15 @@ def test_dry_run_loads_nothing(capsys):
     assert "a sks star moving in a zigzag" in out and "ddim 20 steps" in out and "Loading" not in out
 
 
+def test_the_bundled_task_is_prompted_as_the_paper_does():
+    """The photos under 'a sks star' (code: identity captions name the subject only), the video under its own
+    caption (the whole clip), and the sampling prompt, which the paper has an LLM write (supp. sec. 1, Prompts) and the
+    toy world writes from its words."""
+    _, _, prompts, _ = dr_mod.read_inputs(dr_mod.parse_args(["--model", "toy"]))
+    assert prompts == dict(subject="a sks star", motion="a blue striped square moving in a zigzag on a gray background",
+                           sample="a sks star moving in a zigzag on a gray background")
+
+
 def test_the_real_loading_path_at_tiny_size(tmp_path):
     """The same load_models the real run uses, on a tiny CogVideoX pipeline saved as a local folder."""
     from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline,
@@ -375,6 +384,7 @@ def test_motion_frames_are_consecutive_as_the_official_loader(tmp_path):
     clip.mkdir()
     for i in range(20):  # frame i has brightness 10 i
         iio.imwrite(clip / f"{i:03d}.png", torch.full((32, 32, 3), i * 10, dtype=torch.uint8).numpy())
+    (clip / "caption.txt").write_text(tw.motion_caption())  # the toy prompt is written from its words
     base = ["--model", "toy", "--motion", str(clip)]
     _, videos, _, _ = dr_mod.read_inputs(dr_mod.parse_args(base))
     assert [round(float((v.mean() + 1) / 2 * 255) / 10) for v in videos[0]] == list(range(9))
@@ -448,6 +458,7 @@ BAD = {  # flags -> the words the one-line error must hold
     "blank class word": (["--class-word", "  "], "--class-word is empty"),
     "empty motion caption": (["--motion-caption", ""], "--motion-caption is empty"),
     "prompt without placeholder": (["--prompt", "a star moving"], "does not contain the placeholder"),
+    "toy caption without motion words": (["--motion-caption", "a blue square"], "names no toy motion and background"),
 }
 
 

@@ -361,6 +361,7 @@ def test_a_folder_of_clips_of_other_sizes_and_lengths_is_resampled(tmp_path, cap
     common.write_frames(clips / "a", torch.cat([big, big]))      # 18 frames of 48x64
     common.write_frames(clips / "b", tw.motion_clip(seed=1))     # 9 frames of 32x32
     common.write_video(clips / "c.gif", tw.motion_clip(seed=2))
+    (clips / "caption.txt").write_text(tw.motion_caption())  # the toy prompt is written from its words
     assert jt.main(["--model", "toy", "--motion", str(clips), "--dry-run", "--out", str(tmp_path / "out")]) is None
     assert "3 clip(s)" in capsys.readouterr().out
     args = jt.parse_args(["--model", "toy", "--motion", str(clips)])
@@ -372,6 +373,17 @@ def test_dry_run_loads_nothing(tmp_path, capsys):
     assert jt.main(["--model", "toy", "--dry-run", "--out", str(tmp_path)]) is None
     out = capsys.readouterr().out
     assert "a sks star moving in a zigzag" in out and "DDIM 20 steps" in out and "Loading" not in out
+
+
+def test_the_bundled_task_is_prompted_as_the_paper_does():
+    """The photos under 'a sks star' (code: 'A bear plushie.'), the video under its own caption, the whole clip (supp.
+    B.2: BLIP-2's), and the sampling prompt, the subject doing the motion in a setting (supp. B.1), which the paper
+    writes by hand and the toy world writes from its words."""
+    _, _, prompts, _ = jt.read_inputs(jt.parse_args(["--model", "toy"]))
+    assert prompts == dict(subject="a sks star", motion="a blue striped square moving in a zigzag on a gray background",
+                           sample="a sks star moving in a zigzag on a gray background")
+    _, _, prompts, _ = jt.read_inputs(jt.parse_args(["--model", "toy", "--placeholder", ""]))
+    assert prompts["subject"] == "a star" and prompts["sample"] == "a star moving in a zigzag on a gray background"
 
 
 def test_the_real_loading_path_at_tiny_size(tmp_path):
@@ -491,6 +503,7 @@ BAD_FLAGS = {  # flags -> the words the one-line error must hold
     "blank placeholder": (["--placeholder", " "], "--placeholder ' ' must be one word"),
     "two-word placeholder": (["--placeholder", "s k"], "--placeholder 's k' must be one word"),
     "prompt without placeholder": (["--prompt", "a star moving"], "does not contain the placeholder"),
+    "toy caption without motion words": (["--motion-caption", "a blue square"], "names no toy motion and background"),
 }
 
 

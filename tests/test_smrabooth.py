@@ -266,6 +266,21 @@ def test_dry_run_loads_nothing(tmp_path, capsys):
     assert "a sks star moving in a zigzag" in out and "toy DINOv2 stand-in" in out
 
 
+def test_the_bundled_task_is_prompted_as_the_paper_does(tmp_path):
+    """Supp. sec. 3: the photos under "a picture of V* <subject name>", the video under its detailed caption (the whole
+    clip), and a sampling prompt of subject, motion and setting, which the paper has GPT-4o write and the toy world
+    writes from its words; a real run keeps the default 'a sks CLASS CAPTION'."""
+    *_, prompts = sm.read_inputs(sm.parse_args(["--model", "toy"]))
+    assert prompts == dict(subject="a picture of sks star", motion="a blue striped square moving in"
+                           " a zigzag on a gray background", sample="a sks star moving in a zigzag on a gray background")
+    *_, prompts = sm.read_inputs(sm.parse_args(["--model", "toy", "--placeholder", "zz", "--class-word", "ring",
+                                                "--motion-caption", "a red circle moving left on a white background"]))
+    assert prompts["subject"] == "a picture of zz ring" and prompts["sample"] == "a zz ring moving left on a white " \
+                                                                                "background"
+    *_, prompts = sm.read_inputs(sm.parse_args(_real(tmp_path, "--no-mora", "--motion-caption", "dancing")))
+    assert prompts["sample"] == "a sks star dancing"
+
+
 @pytest.fixture(scope="module")
 def tiny_wan(tmp_path_factory):
     """A tiny Wan pipeline saved as a local folder (the real loading path), and a random RAFT-large state dict."""
@@ -430,6 +445,7 @@ BAD_FLAGS = {  # flags -> the words the one-line error must hold
     "empty placeholder": (["--placeholder", ""], "--placeholder '' must be one word"),
     "two-word placeholder": (["--placeholder", "s k"], "--placeholder 's k' must be one word"),
     "prompt without placeholder": (["--prompt", "a star moving"], "does not contain the placeholder"),
+    "toy caption without motion words": (["--motion-caption", "a blue square"], "names no toy motion and background"),
     "unknown subject layer": (["--subject-layers", "to_qq"], "--subject-layers 'to_qq': each must end with"),
     "empty motion layer": (["--motion-layers", "to_v", ""], "--motion-layers '': each must end with"),
 }

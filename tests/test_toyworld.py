@@ -170,6 +170,27 @@ def test_bundled_assets_match_the_code():
     assert tw.classify_motion(tw.centroids(tw.segment(clip)[1])) == "zigzag"
 
 
+
+def test_bundled_motion_caption_names_the_whole_clip_in_the_worlds_words():
+    """caption.txt says what the frames show (sprite, background and motion, recognised from the pixels), as the
+    papers caption their reference videos; the subject's prompt.txt is its class word; --model toy writes its
+    sampling prompt from the caption's motion and background words."""
+    clip = common.read_video(tw.ASSETS / "toy" / "motion", tw.NUM_FRAMES)
+    seen = dict(tw.reference_factors([clip]), background=tw.recognise(clip)[0]["background"],
+                motion=tw.classify_motion(tw.centroids(tw.segment(clip)[1])))
+    text = common.read_text(tw.ASSETS / "toy" / "motion" / "caption.txt", None)
+    assert text == tw.caption(seen) == tw.motion_caption() == "a blue striped square moving in a zigzag on a gray " \
+                                                              "background"
+    assert common.read_text(tw.ASSETS / "toy" / "subject" / "prompt.txt", None) == tw.SUBJECT["shape"] == "star"
+    ids = tw.tokenizer("t5")(text).input_ids
+    assert tw.tokenizer("t5").unk_token_id not in ids and len(ids) <= tw.MAX_TOKENS
+    assert tw.sample_prompt("a sks star", text) == "a sks star moving in a zigzag on a gray background"
+    assert tw.sample_prompt("a star", "moving in a circle on a white background") == \
+        "a star moving in a circle on a white background"
+    for unnamed in ("a blue striped square on a gray background", "a blue square moving in a zigzag"):
+        with pytest.raises(SystemExit):
+            tw.sample_prompt("a sks star", unnamed)
+
 def test_shipped_encoders_load_and_are_frozen():
     for kind in ("umt5", "t5", "clip"):
         enc = tw.text_encoder(kind)
