@@ -282,7 +282,8 @@ def test_toy_end_to_end_writes_everything_and_sample_only_reuses_it(tmp_path):
     import safetensors.torch as st
     sd = st.load_file(out / "adapters.safetensors")
     assert len(sd) == 74 * 3 and all(k.endswith(("lora_A.weight", "lora_B.weight", "gate.weight")) for k in sd)
-    assert sd["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"].shape == (32, 64)
+    width = tw.FAMILIES["unet3d"]["config"]["block_out_channels"][0]  # the first block's attention is this wide
+    assert sd["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"].shape == (32, width)
     assert any(v.abs().sum() > 0 for k, v in sd.items() if k.endswith("lora_B.weight"))  # it trained
     again = jt.main(FAST + ["--out", str(out), "--sample-only"])
     assert again == metrics                                       # same adapters, same seed: the same clip
