@@ -585,17 +585,21 @@ def sample(family, model, vae, text, uncond, steps=20, cfg=4.0, frames=NUM_FRAME
 # pretraining: text-to-video (and single frames) on freshly rendered clips of pretraining concepts only
 
 
-def export_backbone(ema, path, args, step, seen):
+def export_backbone(model, ema, path, args, step, seen):
     """The EMA weights as one safetensors file, with everything needed to rebuild and reproduce them."""
     from safetensors.torch import save_file
-    meta = dict(family=args.family, config=json.dumps(ema.config), seed=str(args.seed), steps=str(step),
+    meta = dict(family=args.family, config=json.dumps(model.config), seed=str(args.seed), steps=str(step),
                 samples_seen=str(seen), batch=str(args.batch), lr=str(args.lr), ema=str(args.ema),
                 image_every=str(args.image_every), cfg_drop=str(args.cfg_drop), vae=vae_fingerprint())
-    common.save_atomic({k: v.cpu().contiguous() for k, v in ema.state_dict().items()}, path,
+    ema.store(model.parameters()), ema.copy_to(model.parameters())  # the EMA weights, for the export only
+    common.save_atomic({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, path,
                        lambda sd, p: save_file(sd, p, metadata=meta))
+    ema.restore(model.parameters())
 
 
 def pretrain(args):
+    from diffusers.optimization import get_constant_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
     from tqdm import tqdm
     fam = FAMILIES[args.family]
     torch.manual_seed(args.seed)
@@ -623,11 +627,14 @@ def pretrain(args):
     model = build_backbone(args.family, config).to(dev).train()
     if weights is not None:
         model.load_state_dict(weights)
-    ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = get_constant_schedule_with_warmup(opt, args.warmup)  # then constant: runs can be extended by resuming
+    # the exported weights are an EMA whose decay warms up as min(ema, (1 + k) / (10 + k)) at update k, so early
+    # exports are not mostly the random initialisation
+    ema = EMAModel(model.parameters(), decay=args.ema)
     if state is not None:
-        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"]), common.set_rng_state(state["rng"])
+        model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), warmup.load_state_dict(state["sched"])
+        ema.load_state_dict(state["ema"]), gen.set_state(state["gen"]), common.set_rng_state(state["rng"])
     print(f"pretraining toy {args.family} on {dev}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
           f"parameters, from step {step} to {args.steps}, batch {args.batch}")
     tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
@@ -654,23 +661,18 @@ def pretrain(args):
                                     text.to(dev))
         loss = F.mse_loss(pred.float(), target.to(dev))
         common.check_finite(loss, step)
-        for g in opt.param_groups:  # linear warm-up, then constant: runs can be extended by resuming
-            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():  # EMA with warm-up, so early exports are not mostly the random initialisation
-            decay = min(args.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        opt.step(), warmup.step(), ema.step(model.parameters())
         step, seen = step + 1, seen + args.batch
         bar.update(1)
         log(step, bar, loss=loss.item(), samples_per_s=args.batch * (step - first) / (time.time() - t0))
         if step % args.save_every == 0 or step == args.steps:
             common.save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                                    seen=seen, gen=gen.get_state(), rng=common.rng_state(), config=config), ckpt)
-            export_backbone(ema, out, args, step, seen)
+                                    sched=warmup.state_dict(), seen=seen, gen=gen.get_state(), rng=common.rng_state(),
+                                    config=config), ckpt)
+            export_backbone(model, ema, out, args, step, seen)
     bar.close()
     print(f"saved {out} (step {step}, {seen} samples)")
 
