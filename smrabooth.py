@@ -265,10 +265,12 @@ def load_models(args, device, dtype):
 
 
 def check_raft_weights(path):
-    """MoRA's flow network weights, opened before anything else loads: a torchvision raft_large state dict."""
-    from torchvision.models.optical_flow import raft_large
+    """MoRA's flow network weights, opened before anything else loads: a torchvision raft_large state dict. Nothing
+    is downloaded here, so Raft_Large_Weights only names the file (its DEFAULT, C_T_SKHT_V2)."""
+    from torchvision.models.optical_flow import Raft_Large_Weights, raft_large
     if not (path and Path(path).is_file()):
-        common.fail("MoRA needs torchvision RAFT weights: --raft-weights raft_large_*.pth (or --no-mora)")
+        common.fail(f"MoRA needs torchvision RAFT weights: --raft-weights {Path(Raft_Large_Weights.DEFAULT.url).name} "
+                    f"(from {Raft_Large_Weights.DEFAULT.url}), or --no-mora")
     try:
         raft_large(weights=None).load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:
@@ -285,8 +287,12 @@ def load_raft(path, device):
 
 
 def raft_flow(raft, a, b):
-    """Flow from frames a to b (N, 3, H, W) in [-1, 1], RAFT's input range: the last of its 12 refinements."""
-    return raft(a.float(), b.float(), num_flow_updates=12)[-1]
+    """Flow from frames a to b (N, 3, H, W) in [-1, 1]: the last of RAFT's 12 refinements. The weights' own preset
+    (Raft_Large_Weights.transforms(), which takes images in [0, 1]) brings the frames to RAFT's input range; it is
+    plain arithmetic, so MoRA's gradient reaches the frames."""
+    from torchvision.models.optical_flow import Raft_Large_Weights
+    a, b = Raft_Large_Weights.DEFAULT.transforms()((a.float() + 1) / 2, (b.float() + 1) / 2)
+    return raft(a, b, num_flow_updates=12)[-1]
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]  # attn1 + attn2 + FFN

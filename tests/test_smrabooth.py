@@ -328,6 +328,17 @@ def test_the_real_loading_path_at_tiny_size(tiny_wan, monkeypatch):
     assert z.shape == (1, C, 3, 8, 8) and torch.isfinite(z).all()
 
 
+def test_raft_gets_the_frames_through_its_weights_preset():
+    """Our frames are in [-1, 1]; Raft_Large_Weights.transforms() takes [0, 1] and normalises to RAFT's [-1, 1]: RAFT
+    must see the frames unchanged (a wrong mapping halves or shifts them), with the gradient reaching the frames."""
+    seen = []
+    raft = lambda a, b, num_flow_updates: seen.append((a, b)) or [a[:, :2] - b[:, :2]] * num_flow_updates
+    a, b = (torch.rand(2, 3, 8, 8) * 2 - 1).requires_grad_(), torch.rand(2, 3, 8, 8) * 2 - 1
+    sm.raft_flow(raft, a, b).sum().backward()
+    (ra, rb), = seen
+    assert torch.allclose(ra, a) and torch.allclose(rb, b) and torch.allclose(a.grad[:, :2], torch.ones(2, 2, 8, 8))
+
+
 def test_no_mora_and_sample_only_run_a_real_model_without_raft_weights(tiny_wan, tmp_path):
     """Only MoRA needs the flow network: --no-mora and --sample-only need no --raft-weights (no flow is loaded, so
     none can be computed)."""
@@ -527,7 +538,7 @@ BAD_FILES = {  # (tmp folder, --out) -> flags, and the words the one-line error 
     "model nowhere": (lambda t, out: _real(t, "--model", str(t / "no-model")),
                       "neither a local folder nor in the hub cache"),
     "dino nowhere": (lambda t, out: _real(t, "--dino", str(t / "no-dino")), "--dino '"),
-    "no RAFT weights": (lambda t, out: _real(t), "MoRA needs torchvision RAFT weights"),
+    "no RAFT weights": (lambda t, out: _real(t), "--raft-weights raft_large_C_T_SKHT_V2-ff5fadd5.pth (from https"),
     "damaged RAFT weights": (lambda t, out: _real(t, raft=put_file(t, "raft.pth", b"junk")),
                              "is not torchvision's raft_large state dict"),
     "other RAFT weights": (lambda t, out: _real(t, raft=_saved(t, {"w": torch.zeros(2)})),
