@@ -1,4 +1,4 @@
-"""SMRABooth: Subject and Motion Representation Alignment for customized video generation (CVPR 2026), on Wan2.1.
+r"""SMRABooth: Subject and Motion Representation Alignment for customized video generation (CVPR 2026), on Wan2.1.
 
 Two LoRAs are trained separately on a frozen Wan2.1 transformer. The subject LoRA learns a few photos with a
 masked flow-matching loss plus SuRA: the hidden states after the first block, through a small MLP, are pulled
@@ -9,8 +9,8 @@ the motion LoRA only in V, O, FFN.0 and FFN.2, and the subject LoRA at half stre
 
     # a real run (a large GPU: `python bench.py --estimate` puts the motion stage with MoRA at ~88 GB with --grad-ckpt,
     # most of it the VAE decode: see --mora-ckpt, --mora-window; weights from the hub cache or local folders)
-    python smrabooth.py --subject photos/ --motion dance.mp4 --raft-weights raft_large_C_T_SKHT_V2-ff5fadd5.pth
-    python smrabooth.py --subject photos/ --motion dance.mp4 --prompt "a sks dog dancing on the beach" ...
+    python smrabooth.py --subject photos/ --motion dance.mp4 --prompt "a sks dog dancing on the beach at sunset" \
+        --raft-weights raft_large_C_T_SKHT_V2-ff5fadd5.pth
     # the toy world on a CPU in minutes (toy backbone, bundled toy subject and motion)
     python smrabooth.py --model toy
     python smrabooth.py --model toy --sample-only          # reuse the LoRAs saved in --out
@@ -47,8 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--class-word", help="the subject's class (default: SUBJECT/prompt.txt, else 'object')")
     p.add_argument("--motion-caption", help="the video's caption, its content and motion (supp. sec. 3) (default: "
                                             "the .txt beside the video or caption.txt in its folder, else 'moving')")
-    p.add_argument("--prompt", help="sampling prompt (default: 'a sks <class word> <motion caption>', for a caption "
-                                    "like 'dancing'; toy: 'a sks star' + the caption's motion and background)")
+    p.add_argument("--prompt", help="sampling prompt: the subject doing the motion in a setting; needed for real "
+                                    "models (toy default: 'a sks star' + the caption's motion and background)")
     p.add_argument("--placeholder", default="sks", help="the subject's identifier word")
     p.add_argument("--subject-size", type=int, default=512, help="subject photos are resized/cropped to this")
     p.add_argument("--motion-size", type=int, nargs=2, default=[320, 576], metavar=("H", "W"))
@@ -211,12 +211,14 @@ def read_inputs(args):
     class_word = args.class_word or common.read_text(folder / "prompt.txt", "object")
     sidecar = motion.with_suffix(".txt") if motion.is_file() else motion / "caption.txt"
     motion_caption = args.motion_caption or common.read_text(sidecar, "moving")
+    subject = f"a {args.placeholder} {class_word}"
+    if args.prompt is None and args.model != "toy":  # a real caption names its own subject ("a man dancing...")
+        common.fail(f"real models need --prompt (the video you want, e.g. '{subject} dancing on the beach at sunset'); "
+                    f"the paper's prompts are GPT-4o's")
     # supp. sec. 3: the photos are captioned "A picture of V* <subject name>", the video by a detailed caption of its
     # content and motion; the sampling prompts are GPT-4o's (subject + motion + a setting), so --model toy writes its
-    # own from the world's words (toyworld.sample_prompt); real runs default to 'a sks CLASS CAPTION'
-    subject = f"a {args.placeholder} {class_word}"
-    sample = args.prompt or (toyworld.sample_prompt(subject, motion_caption) if args.model == "toy"
-                             else f"{subject} {motion_caption}")
+    # own from the world's words (toyworld.sample_prompt)
+    sample = args.prompt or toyworld.sample_prompt(subject, motion_caption)
     prompts = dict(subject=f"a picture of {args.placeholder} {class_word}", motion=motion_caption, sample=sample)
     if args.placeholder not in prompts["sample"].split():
         common.fail(f"the prompt {prompts['sample']!r} does not contain the placeholder word {args.placeholder!r}")

@@ -246,6 +246,8 @@ def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
     assert "has 5 frames, 9 are needed" in bad(["--subject", str(subj), "--motion", str(short), "--model", "toy"])
     assert "does not contain the placeholder" in bad(["--model", "toy", "--prompt", "a star moving left"])
     real = ["--subject", str(subj), "--motion", str(mot), "--motion-frames", "9"]
+    assert "real models need --prompt" in bad(real + ["--model", str(tmp_path / "no-model")])
+    real += ["--prompt", "a sks star dancing"]
     assert "neither a local folder nor in the hub cache" in bad(real + ["--model", str(tmp_path / "no-model")])
     wan = tmp_path / "wan"  # a model folder as far as the checks before loading can tell
     wan.mkdir()
@@ -269,7 +271,7 @@ def test_dry_run_loads_nothing(tmp_path, capsys):
 def test_the_bundled_task_is_prompted_as_the_paper_does(tmp_path):
     """Supp. sec. 3: the photos under "a picture of V* <subject name>", the video under its detailed caption (the whole
     clip), and a sampling prompt of subject, motion and setting, which the paper has GPT-4o write and the toy world
-    writes from its words; a real run keeps the default 'a sks CLASS CAPTION'."""
+    writes from its words; a real run takes its --prompt (no default: see the bad-input tests)."""
     *_, prompts = sm.read_inputs(sm.parse_args(["--model", "toy"]))
     assert prompts == dict(subject="a picture of sks star", motion="a blue striped square moving in"
                            " a zigzag on a gray background", sample="a sks star moving in a zigzag on a gray background")
@@ -277,8 +279,8 @@ def test_the_bundled_task_is_prompted_as_the_paper_does(tmp_path):
                                                 "--motion-caption", "a red circle moving left on a white background"]))
     assert prompts["subject"] == "a picture of zz ring" and prompts["sample"] == "a zz ring moving left on a white " \
                                                                                 "background"
-    *_, prompts = sm.read_inputs(sm.parse_args(_real(tmp_path, "--no-mora", "--motion-caption", "dancing")))
-    assert prompts["sample"] == "a sks star dancing"
+    *_, prompts = sm.read_inputs(sm.parse_args(_real(tmp_path, "--no-mora", "--motion-caption", "a man dancing")))
+    assert prompts == dict(subject="a picture of sks star", motion="a man dancing", sample="a sks star dancing")
 
 
 @pytest.fixture(scope="module")
@@ -346,7 +348,7 @@ def test_no_mora_and_sample_only_run_a_real_model_without_raft_weights(tiny_wan,
            "--subject", str(tw.ASSETS / "toy" / "subject"), "--motion", str(tw.ASSETS / "toy" / "motion"),
            "--subject-size", "64", "--motion-size", "64", "64", "--motion-frames", "9", "--height", "64", "--width",
            "64", "--frames", "9", "--max-text-len", "16", "--subject-steps", "1", "--motion-steps", "1", "--steps",
-           "2", "--out", str(tmp_path / "run")]
+           "2", "--prompt", "a sks star dancing", "--out", str(tmp_path / "run")]
     assert sm.main(run + ["--no-mora"]) is None
     assert (tmp_path / "run" / "motion_lora" / "pytorch_lora_weights.safetensors").is_file()
     assert sm.main(run + ["--sample-only"]) is None
@@ -366,7 +368,7 @@ def test_no_mora_computes_no_reference_flow(tmp_path, monkeypatch):
 def test_motion_frames_that_the_window_cannot_use_end_with_one_line(tiny_wan, tmp_path, capsys):
     real = ["--model", str(tiny_wan / "wan"), "--dino", str(tw.ASSETS / "encoders" / "dinov2"), "--subject",
             str(tw.ASSETS / "toy" / "subject"), "--motion", str(tw.ASSETS / "toy" / "motion"), "--raft-weights",
-            str(tiny_wan / "raft.pth"), "--dry-run", "--out", str(tmp_path)]
+            str(tiny_wan / "raft.pth"), "--prompt", "a sks star dancing", "--dry-run", "--out", str(tmp_path)]
     assert "encodes 4k+1 frames; use 5 or 9" in error_line(sm, real + ["--motion-frames", "8"], capsys)
     assert "shorter than MoRA's window of 6 latents (21 frames" in error_line(sm, real + ["--motion-frames", "9"],
                                                                              capsys)
@@ -490,14 +492,14 @@ def _raft():
     return raft_large(weights=None).state_dict()
 
 
-def _real(t, *flags, raft=None):
-    """A real-model run as far as the checks before loading can tell (a Wan folder, the bundled DINOv2)."""
+def _real(t, *flags, raft=None, prompt="a sks star dancing"):
+    """A real-model run as far as the checks before loading can tell (a Wan folder, the bundled DINOv2, a prompt)."""
     (t / "wan").mkdir(exist_ok=True)
     (t / "wan" / "model_index.json").write_text("{}")
     return ["--model", str(t / "wan"), "--dino", str(tw.ASSETS / "encoders" / "dinov2"), "--subject", str(SUBJ),
             "--motion", str(MOT), "--motion-frames", "9", "--mora-window", "3", "--subject-size", "32",
             "--motion-size", "32", "32", "--height", "32", "--width", "32", "--frames", "9"] + (
-        ["--raft-weights", raft] if raft else []) + list(flags)
+        ["--raft-weights", raft] if raft else []) + (["--prompt", prompt] if prompt else []) + list(flags)
 
 
 BAD_FILES = {  # (tmp folder, --out) -> flags, and the words the one-line error must hold
@@ -533,6 +535,8 @@ BAD_FILES = {  # (tmp folder, --out) -> flags, and the words the one-line error 
                    "has 5 frames, 9 are needed"),
     "real model without inputs": (lambda t, out: ["--model", str(t / "wan")],
                                   "--subject DIR and --motion VIDEO are needed"),
+    "real model without a prompt": (lambda t, out: _real(t, prompt=None),
+                                    "real models need --prompt (the video you want, e.g. 'a sks star dancing on the"),
     "model folder without model_index.json": (lambda t, out: _real(t, "--model", empty_dir(t)),
                                               "holds no model_index.json"),
     "model nowhere": (lambda t, out: _real(t, "--model", str(t / "no-model")),
