@@ -2,7 +2,8 @@
 
 Device and dtype, seeding, clear input errors, image/video I/O (imageio) and resizing (torchvision), prompt
 encoding with a cache, the noise/target arithmetic of the three prediction types, peft LoRA helpers, atomic
-checkpoints, a NaN guard, the log line, and sample writing (mp4, gif, lossless PNG frames, side-by-side grid).
+checkpoints, a NaN guard, the log line, sample writing (mp4, gif, lossless PNG frames, side-by-side grid), and
+the CogVideoX pieces dualreal.py and dual_task_sdv.py share (loading, latents, rotary, v-loss, sampler loop).
 """
 import json
 import math
@@ -85,6 +86,15 @@ def check_clip_range(args):
     """--motion-start/--motion-end must leave frames to read."""
     if args.motion_end is not None and args.motion_end <= args.motion_start:
         fail(f"--motion-end {args.motion_end} must be after --motion-start {args.motion_start}")
+
+
+def check_cogvideox_video(args):
+    """--frames, --height, --width as CogVideoX's VAE takes them: 4k+1 frames, sizes in multiples of 16 (8x VAE,
+    2x2 patches)."""
+    if (args.frames - 1) % 4 or args.frames < 1:
+        fail(f"--frames {args.frames}: CogVideoX needs 4k+1 frames (49, 9...)")
+    if args.height % 16 or args.width % 16 or min(args.height, args.width) < 16:
+        fail(f"--height {args.height} --width {args.width}: use multiples of 16")
 
 
 RUN_FILES = ("config.json", "ckpt.pt", "metrics.json", "log.jsonl")
@@ -442,6 +452,11 @@ class StepLog:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 
 
+# -----------------------------------------------------------------------------
+# CogVideoX, as dualreal.py and dual_task_sdv.py use it: loading, latents in the (B, F', C, h, w) layout, the rotary
+# embedding, the v-prediction loss and the sampler loop around each method's own transformer call
+
+
 def load_cogvideox(model, sampler, dtype):
     """CogVideoX (transformer, VAE, T5 and its tokenizer, the DPM or DDIM sampler of the model's scheduler config)
     from a hub id or local folder (the toy world's are toyworld.cogvideox_parts)."""
@@ -469,3 +484,57 @@ def cogvideox_rotary(transformer, frames, height, width):
     crops = get_resize_crop_region_for_grid(grid, cfg.sample_width // p, cfg.sample_height // p)
     return get_3d_rotary_pos_embed(cfg.attention_head_dim, crops, grid_size=grid, temporal_size=frames,
                                    device=transformer.device)
+
+
+@torch.no_grad()
+def cogvideox_encode(vae, video):
+    """(B, F, 3, H, W) in [-1, 1] -> latents (B, F', C, h, w) x scaling_factor (0.7; the toy VAE's own): the
+    posterior mean (the diffusers example samples it once). One frame -> one latent frame."""
+    z = vae.encode(video.transpose(1, 2).to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+    return z.float().transpose(1, 2)
+
+
+@torch.no_grad()
+def cogvideox_decode(vae, z):
+    """(B, F', C, h, w) -> (B, F, 3, H, W), as CogVideoXPipeline.decode_latents."""
+    return vae.decode((z.transpose(1, 2) / vae.config.scaling_factor).to(vae.dtype)).sample.float().transpose(1, 2)
+
+
+def cogvideox_noise(transformer, vae, n, frames, height, width, seed):
+    """The sampler's starting noise (n, F', C, h, w) from `seed`, shaped as the pipeline's prepare_latents: 49 frames
+    -> 13 latent frames, 8x smaller frames (the toy VAE: 4x)."""
+    t_lat = (frames - 1) // vae.config.temporal_compression_ratio + 1
+    s = 2 ** (len(vae.config.block_out_channels) - 1)
+    return torch.randn(n, t_lat, transformer.config.in_channels, height // s, width // s,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+def cogvideox_v_loss(predict, z0, text, alphas_cumprod, gen):
+    """CogVideoX's v-prediction objective as diffusers' CogVideoX LoRA example: uniform timesteps; the one-step x0
+    from the v that predict(z_t, t, text) returns, against x0, weighted by 1 / (1 - alpha_bar_t)."""
+    noise = torch.randn(z0.shape, generator=gen).to(z0.device)
+    t = torch.randint(0, len(alphas_cumprod), (z0.shape[0],), generator=gen).to(z0.device)
+    z_t, _ = noisy_and_target("v", z0, noise, t, alphas_cumprod)
+    x0 = predicted_x0("v", z_t, predict(z_t, t, text), t, alphas_cumprod)
+    weight = 1 / (1 - alphas_cumprod.to(z0.device)[t].float())
+    return (weight * (x0 - z0).pow(2).flatten(1).mean(1)).mean()
+
+
+@torch.no_grad()
+def cogvideox_sample(predict, scheduler, text, uncond, latents, steps, cfg):
+    """CogVideoXPipeline's loop on latents (B, F', C, h, w), v = predict(z, t, text): the unconditional and
+    conditional passes run as one batch in the pipeline's order, then guidance and the scheduler's step."""
+    from diffusers import CogVideoXDPMScheduler
+    scheduler.set_timesteps(steps, device=latents.device)
+    z, n, old_x0 = latents * scheduler.init_noise_sigma, latents.shape[0], None
+    text = text.expand(n, -1, -1)
+    cond = torch.cat([uncond.expand_as(text), text])
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        u, c = predict(scheduler.scale_model_input(torch.cat([z, z]), t), t.expand(2 * n), cond).chunk(2)
+        v = u + cfg * (c - u)
+        if isinstance(scheduler, CogVideoXDPMScheduler):  # DPM-solver++ keeps the previous x0 estimate
+            z, old_x0 = scheduler.step(v, old_x0, t, timesteps[i - 1] if i > 0 else None, z, return_dict=False)
+        else:
+            z = scheduler.step(v, t, z, return_dict=False)[0]
+    return z

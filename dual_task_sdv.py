@@ -146,10 +146,7 @@ def check_args(args):
                          at_least_zero=["iterations", "warmup", "grad_every", "weight_decay", "cfg", "crop_jitter",
                                         "ablation_seeds"],
                          positive=["lr", "lora_alpha", "grad_clip"], unit=["p", "p_drop", "lora_dropout", "max_bad"])
-    if (args.frames - 1) % 4 or args.frames < 1:
-        common.fail(f"--frames {args.frames}: CogVideoX needs 4k+1 frames (49, 9...)")
-    if args.height % 16 or args.width % 16 or min(args.height, args.width) < 16:
-        common.fail(f"--height {args.height} --width {args.width}: use multiples of 16")
+    common.check_cogvideox_video(args)
     common.check_words(args, ["prompt"])
     if args.mode == "sample":
         held_out = args.model == "toy" and not args.image and not args.prompt  # the toy world's held-out sprites
@@ -361,18 +358,6 @@ def text_embeds(m, prompts, max_len):
     return enc(inputs_embeds=x).last_hidden_state.float()
 
 
-@torch.no_grad()
-def encode_video(vae, video):
-    """(B, F, 3, H, W) in [-1, 1] -> (B, F', C, h, w) x scaling_factor (the posterior mean). One frame -> one."""
-    z = vae.encode(video.transpose(1, 2).to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
-    return z.float().transpose(1, 2)
-
-
-@torch.no_grad()
-def decode_video(vae, z):
-    return vae.decode((z.transpose(1, 2) / vae.config.scaling_factor).to(vae.dtype)).sample.float().transpose(1, 2)
-
-
 def ref_tokens(transformer, ref):
     """Reference latent (B, 1, C, h, w) -> tokens (B, h/p * w/p, D) by the transformer's own patch_embed.proj (the
     video tokens are made by the same conv). CogVideoX 1.0 (rotary, no absolute positions) only."""
@@ -526,15 +511,9 @@ def reference_frames(clips, random_frame, gen):
 
 
 def v_loss(transformer, z0, text, alphas_cumprod, gen, ref=None, keep=None):
-    """CogVideoX's v-prediction loss as diffusers' LoRA example: one-step x0 from the predicted v against x0,
-    weighted by 1 / (1 - alpha_bar_t); uniform timesteps."""
-    noise = torch.randn(z0.shape, generator=gen).to(z0.device)
-    t = torch.randint(0, len(alphas_cumprod), (z0.shape[0],), generator=gen).to(z0.device)
-    z_t, _ = common.noisy_and_target("v", z0, noise, t, alphas_cumprod)
-    x0 = common.predicted_x0("v", z_t, forward_with_reference(transformer, z_t, text, t, ref, keep), t,
-                             alphas_cumprod)
-    weight = 1 / (1 - alphas_cumprod.to(z0.device)[t].float())
-    return (weight * (x0 - z0).pow(2).flatten(1).mean(1)).mean()
+    """CogVideoX's v-prediction loss (common.cogvideox_v_loss) through the forward with the reference tokens."""
+    predict = lambda z_t, t, txt: forward_with_reference(transformer, z_t, txt, t, ref, keep)
+    return common.cogvideox_v_loss(predict, z0, text, alphas_cumprod, gen)
 
 
 def trainable(m, args):
@@ -556,17 +535,18 @@ class DualTaskStep(torch.nn.Module):
         tr, vae, ac, args = self.transformer, self.m["vae"], self.m["scheduler"].alphas_cumprod, self.args
         dev = self.cls.device
         enc = lambda prompts: text_embeds(self.m, prompts, args.max_text_len)
+        latents = lambda x: common.cogvideox_encode(vae, x.to(dev))
         if kind == "video":
             clips, captions = batch
-            z0, ref, keep = encode_video(vae, clips.to(dev)), None, None
+            z0, ref, keep = latents(clips), None, None
             if not args.t2v:
-                ref = encode_video(vae, reference_frames(clips, not args.no_random_frame, gen)[:, None].to(dev))
+                ref = latents(reference_frames(clips, not args.no_random_frame, gen)[:, None])
                 n_ref = ref.shape[-2] * ref.shape[-1] // tr.config.patch_size ** 2
                 keep = token_keep(n_ref, len(clips), args.p_drop, gen)
                 keep = keep.to(dev) if keep is not None else None
             return v_loss(tr, z0, enc(captions), ac, gen, ref, keep)
         refs, targets, prompts = batch
-        z0, ref = encode_video(vae, targets[:, None].to(dev)), encode_video(vae, refs[:, None].to(dev))
+        z0, ref = latents(targets[:, None]), latents(refs[:, None])
         return v_loss(tr, z0, enc(prompts), ac, gen, ref)  # a one-frame video on a 2-frame rotary grid
 
 
@@ -597,23 +577,12 @@ class PCGradBuffer:
 # sampling: CogVideoX's sampler, guidance on the text only
 
 
-@torch.no_grad()
 def sample(tr, scheduler, text, uncond, ref, latents, steps, cfg):
-    """Denoise latents (B, F', C, h, w) with guidance on the text only: both branches see the reference tokens."""
-    from diffusers import CogVideoXDPMScheduler
-    scheduler.set_timesteps(steps, device=latents.device)
-    z, n, old_x0 = latents * scheduler.init_noise_sigma, latents.shape[0], None
-    cond, refs = torch.cat([uncond.expand_as(text), text]), torch.cat([ref, ref])
-    timesteps = scheduler.timesteps
-    for i, t in enumerate(timesteps):
-        zz = scheduler.scale_model_input(torch.cat([z, z]), t)
-        u, c = forward_with_reference(tr, zz, cond, t.expand(2 * n), refs).chunk(2)
-        v = u + cfg * (c - u)
-        if isinstance(scheduler, CogVideoXDPMScheduler):
-            z, old_x0 = scheduler.step(v, old_x0, t, timesteps[i - 1] if i > 0 else None, z, return_dict=False)
-        else:
-            z = scheduler.step(v, t, z, return_dict=False)[0]
-    return z
+    """Denoise latents (1, F', C, h, w) (common.cogvideox_sample) with guidance on the text only: both branches see
+    the reference tokens of ref (1, 1, C, h, w)."""
+    refs = torch.cat([ref, ref])
+    predict = lambda z, t, txt: forward_with_reference(tr, z, txt, t, refs)
+    return common.cogvideox_sample(predict, scheduler, text, uncond, latents, steps, cfg)
 
 
 @torch.no_grad()
@@ -622,13 +591,10 @@ def generate(m, image, prompt, args, seed):
     tr, vae = m["transformer"], m["vae"]
     dev = next(tr.parameters()).device
     text, uncond = (text_embeds(m, [x], args.max_text_len) for x in (prompt, args.negative_prompt))
-    ref = encode_video(vae, image[None, None].to(dev))
-    gen = torch.Generator().manual_seed(seed)
-    t_lat = (args.frames - 1) // vae.config.temporal_compression_ratio + 1
-    s = 2 ** (len(vae.config.block_out_channels) - 1)
-    noise = torch.randn(1, t_lat, tr.config.in_channels, args.height // s, args.width // s, generator=gen)
+    ref = common.cogvideox_encode(vae, image[None, None].to(dev))
+    noise = common.cogvideox_noise(tr, vae, 1, args.frames, args.height, args.width, seed)
     z = sample(tr, m["scheduler"], text, uncond, ref, noise.to(dev), args.steps, args.cfg)
-    return decode_video(vae, z)[0].cpu().clamp(-1, 1)
+    return common.cogvideox_decode(vae, z)[0].cpu().clamp(-1, 1)
 
 
 def toy_eval(m, args, out):

@@ -135,13 +135,10 @@ def check_args(args):
     common.check_numbers(args, at_least_one=["rank", "groups", "controller_dim", "motion_batch",
                                              "identity_batch", "steps", "num_samples", "max_text_len", "fps",
                                              "log_every", "save_every", "seeds", "lr_cycles"],
-                         at_least_zero=["iterations", "sample_every", "warmup", "motion_start", "motion_stride", "ablation_seeds",
-                                        "weight_decay", "cfg"],
+                         at_least_zero=["iterations", "sample_every", "warmup", "motion_start", "motion_stride",
+                                        "ablation_seeds", "weight_decay", "cfg"],
                          positive=["lr", "blend_scale", "grad_clip"], unit=["gamma"])
-    if (args.frames - 1) % 4 or args.frames < 1:
-        common.fail(f"--frames {args.frames}: CogVideoX needs 4k+1 frames (49, 9...)")
-    if args.height % 16 or args.width % 16 or min(args.height, args.width) < 16:
-        common.fail(f"--height {args.height} --width {args.width}: use multiples of 16")
+    common.check_cogvideox_video(args)
     common.check_clip_range(args)
     common.check_words(args, ["prompt", "class_word", "motion_caption", "placeholder"])
 
@@ -387,24 +384,6 @@ def load_adapters(transformer, path):
 
 
 # -----------------------------------------------------------------------------
-# latents: encoded once per run, in CogVideoX's (B, F, C, h, w) layout
-
-
-@torch.no_grad()
-def encode_video(vae, video):
-    """(B, F, 3, H, W) in [-1, 1] -> (B, F', C, h, w) x scaling_factor (0.7; the toy VAE's own). The posterior
-    mean (the diffusers example samples it once)."""
-    z = vae.encode(video.transpose(1, 2).to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
-    return z.float().transpose(1, 2)
-
-
-@torch.no_grad()
-def decode_video(vae, z):
-    """(B, F', C, h, w) -> (B, F, 3, H, W), as CogVideoXPipeline.decode_latents."""
-    return vae.decode((z.transpose(1, 2) / vae.config.scaling_factor).to(vae.dtype)).sample.float().transpose(1, 2)
-
-
-# -----------------------------------------------------------------------------
 # the method's loss
 
 
@@ -418,38 +397,20 @@ def denoise(transformer, z, t, text):
 
 
 def v_loss(transformer, z0, text, alphas_cumprod, gen):
-    """CogVideoX's v-prediction objective as diffusers' CogVideoX LoRA example: the one-step x0 from the predicted v
-    against x0, weighted by 1 / (1 - alpha_bar_t); uniform timesteps."""
-    noise = torch.randn(z0.shape, generator=gen).to(z0.device)
-    t = torch.randint(0, len(alphas_cumprod), (z0.shape[0],), generator=gen).to(z0.device)
-    z_t, _ = common.noisy_and_target("v", z0, noise, t, alphas_cumprod)
-    x0 = common.predicted_x0("v", z_t, denoise(transformer, z_t, t, text), t, alphas_cumprod)
-    weight = 1 / (1 - alphas_cumprod.to(z0.device)[t].float())
-    return (weight * (x0 - z0).pow(2).flatten(1).mean(1)).mean()
+    """CogVideoX's v-prediction objective (common.cogvideox_v_loss) through the hooked transformer: the adapters act
+    in every forward."""
+    return common.cogvideox_v_loss(functools.partial(denoise, transformer), z0, text, alphas_cumprod, gen)
 
 
 # -----------------------------------------------------------------------------
 # sampling: our own loop, equal to CogVideoXPipeline on the same transformer
 
 
-@torch.no_grad()
 def sample(transformer, scheduler, text, uncond, latents, steps, cfg):
-    """Denoise `latents` (B, F', C, h, w); the unconditional and conditional passes run as one batch in the
-    pipeline's order, so the controller runs once per step (per sample: each half gets its own weights)."""
-    from diffusers import CogVideoXDPMScheduler
-    scheduler.set_timesteps(steps, device=latents.device)
-    z, n, old_x0 = latents * scheduler.init_noise_sigma, latents.shape[0], None
-    text = text.expand(n, -1, -1)
-    cond = torch.cat([uncond.expand_as(text), text])
-    timesteps = scheduler.timesteps
-    for i, t in enumerate(timesteps):
-        u, c = denoise(transformer, scheduler.scale_model_input(torch.cat([z, z]), t), t.expand(2 * n), cond).chunk(2)
-        v = u + cfg * (c - u)
-        if isinstance(scheduler, CogVideoXDPMScheduler):  # DPM-solver++ keeps the previous x0 estimate
-            z, old_x0 = scheduler.step(v, old_x0, t, timesteps[i - 1] if i > 0 else None, z, return_dict=False)
-        else:
-            z = scheduler.step(v, t, z, return_dict=False)[0]
-    return z
+    """Denoise `latents` (B, F', C, h, w) (common.cogvideox_sample); the unconditional and conditional passes run as
+    one batch, so the controller runs once per step (per sample: each half gets its own weights)."""
+    return common.cogvideox_sample(functools.partial(denoise, transformer), scheduler, text, uncond, latents, steps,
+                                   cfg)
 
 
 def generate(m, dr, text, c_subject, args, n):
@@ -458,13 +419,10 @@ def generate(m, dr, text, c_subject, args, n):
     dr.eval()
     dr.c = c_subject
     transformer, vae = m["transformer"], m["vae"]
-    t_lat = (args.frames - 1) // vae.config.temporal_compression_ratio + 1  # CogVideoX's VAE: 49 -> 13
-    s = 2 ** (len(vae.config.block_out_channels) - 1)                       # as the pipeline: 8 (toy: 4)
-    noise = torch.randn(n, t_lat, transformer.config.in_channels, args.height // s, args.width // s,
-                        generator=torch.Generator().manual_seed(args.seed))
+    noise = common.cogvideox_noise(transformer, vae, n, args.frames, args.height, args.width, args.seed)
     z = sample(transformer, m["scheduler"], text["sample"], text["negative"], noise.to(transformer.device), args.steps,
                args.cfg)
-    return torch.cat([decode_video(vae, zi[None]) for zi in z]).cpu()  # one at a time: a real decode is large
+    return torch.cat([common.cogvideox_decode(vae, zi[None]) for zi in z]).cpu()  # one at a time: a decode is large
 
 
 # -----------------------------------------------------------------------------
@@ -607,8 +565,8 @@ def main(argv=None):
                           not args.no_controller, cond.shape[1], args.controller_dim)
         print(f"adapters: {sum(p.numel() for p in dr.parameters()) / 1e6:.2f} M parameters, "
               f"{len(dr.groups)} blocks in {dr.n_groups} group(s): {dr.groups}")
-        lat = dict(identity=encode_video(m["vae"], images[:, None].to(device)),  # photos as one-frame videos
-                   motion=encode_video(m["vae"], videos.to(device)))
+        lat = dict(identity=common.cogvideox_encode(m["vae"], images[:, None].to(device)),  # one-frame videos
+                   motion=common.cogvideox_encode(m["vae"], videos.to(device)))
         if state:
             load_state(state, dr)
         preview = lambda step: common.write_preview(out, step, generate(m, dr, text, c_subject, args, 1)[0], args.fps,

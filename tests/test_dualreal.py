@@ -315,7 +315,7 @@ def test_the_real_loading_path_at_tiny_size(tmp_path):
     assert type(m["scheduler"]) is CogVideoXDPMScheduler and m["scheduler"].config.rescale_betas_zero_snr
     ddim = dr_mod.parse_args(["--model", str(tmp_path / "cogvideox"), "--image-encoder", enc, "--sampler", "ddim"])
     assert type(dr_mod.load_models(ddim, torch.device("cpu"), torch.float32)["scheduler"]) is CogVideoXDDIMScheduler
-    lat = dr_mod.encode_video(m["vae"], torch.rand(1, 9, 3, 32, 32) * 2 - 1)
+    lat = common.cogvideox_encode(m["vae"], torch.rand(1, 9, 3, 32, 32) * 2 - 1)
     assert lat.shape == (1, 3, 4, 4, 4)                          # (B, F, C, h, w): 9 frames -> 3 latents
     assert dr_mod.image_embeds(m["image_encoder"], m["image_processor"], torch.zeros(2, 3, 32, 32)).shape == (2, 32)
     # and the whole real run through main, train then sample-only
