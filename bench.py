@@ -407,7 +407,7 @@ def mora_pieces(tiny, device, frames, height, width, window):
         with torch.device(device):
             vae, raft = AutoencoderKLWan(), raft_large(weights=None)
         raft.eval().requires_grad_(False)
-        flow = lambda a, b: raft(a.float(), b.float(), num_flow_updates=12)[-1]  # as smrabooth.load_models
+        flow = functools.partial(smrabooth.raft_flow, raft)  # as smrabooth.load_models
         modules = [raft]
     vae.eval().requires_grad_(False)
     ref_flow = torch.randn(1, frames - 1, 2, height, width, device=device)
