@@ -278,7 +278,12 @@ def test_background_noise_is_zero_on_a_render_and_grows_with_added_noise():
     assert abs(levels[1] - 3 ** 0.5 * 0.2 / 2) < 0.03
 
 
-@pytest.mark.parametrize("family", list(tw.FAMILIES))
+# The v2 toy UNet3D has had 35k samples (colour 0.23, background 0.41 on 64 prompts): not yet (issue 19). Strict: the
+# test fails once it passes, so the mark goes when the UNet3D has learned; a load error is not an expected failure.
+YOUNG = pytest.mark.xfail(strict=True, raises=AssertionError, reason="the v2 toy UNet3D is still being pretrained")
+
+
+@pytest.mark.parametrize("family", [f if f != "unet3d" else pytest.param(f, marks=YOUNG) for f in tw.FAMILIES])
 def test_shipped_backbone_loads_and_follows_prompts_loosely(family, tmp_path):
     """The committed checkpoint loads (config and pretraining record in its metadata) and, on 8 held-out prompts
     sampled in 8 steps, draws the asked-for background and mostly the asked-for colour; prompted with the nearest
