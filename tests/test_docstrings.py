@@ -20,13 +20,12 @@ TRAINED = {"smrabooth": ["subject_lora/pytorch_lora_weights.safetensors",
 
 
 def docstring_commands(method):
-    """The commands in a method file's docstring as argv lists; a trailing '...' stands for the flags of the command
-    above it, a trailing backslash continues the command on the next line (as in a shell)."""
+    """The commands in a method file's docstring as argv lists; a trailing backslash continues the command on the
+    next line (as in a shell)."""
     name, commands = method.__name__ + ".py", []
     for line in method.__doc__.replace("\\\n", " ").splitlines():
         if line.strip().startswith((f"python {name}", "torchrun")):
-            argv = shlex.split(line.split(name, 1)[1], comments=True)
-            commands.append(commands[-1] + argv[:-1] if argv[-1:] == ["..."] else argv)
+            commands.append(shlex.split(line.split(name, 1)[1], comments=True))
     return commands
 
 
