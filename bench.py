@@ -708,4 +708,4 @@ def write_json(path, obj):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -1,9 +1,10 @@
 """Helpers shared by the method files and toyworld.py: nothing here is what a paper is about.
 
-Device and dtype, seeding, clear input errors, image/video I/O (imageio) and resizing (torchvision), prompt
-encoding with a cache, the noise/target arithmetic of the three prediction types, peft LoRA helpers, atomic
-checkpoints, a NaN guard, the log line, sample writing (mp4, gif, lossless PNG frames, side-by-side grid), and
-the CogVideoX pieces dualreal.py and dual_task_sdv.py share (loading, latents, rotary, v-loss, sampler loop).
+Device and dtype, seeding, clear input errors (fail raises InputError; cli, the scripts' entry, makes it one line
+and exit code 2), image/video I/O (imageio) and resizing (torchvision), prompt encoding with a cache, the
+noise/target arithmetic of the three prediction types, peft LoRA helpers, atomic checkpoints, a NaN guard, the log
+line, sample writing (mp4, gif, lossless PNG frames, side-by-side grid), and the CogVideoX pieces dualreal.py and
+dual_task_sdv.py share (loading, latents, rotary, v-loss, sampler loop).
 """
 import json
 import math
@@ -44,10 +45,23 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+class InputError(Exception):
+    """A bad input or a run that cannot go on, said in one line: what is wrong and what to do."""
+
+
 def fail(message):
-    """A bad input ends the run with one line (what is wrong, what to do), exit code 2 and no traceback."""
-    print("error: " + " ".join(str(message).split()), file=sys.stderr)  # one line, even for library messages
-    raise SystemExit(2)
+    """Raise InputError: a caller that imports a reader can catch it; a script's cli() makes it its last words."""
+    raise InputError(" ".join(str(message).split()))  # one line, even for library messages
+
+
+def cli(main, argv=None):
+    """Run a script's main(argv); an InputError ends it with one line on stderr, exit code 2 and no traceback. Only
+    here does a bad input become an exit: everything below raises, so the scripts' functions stay usable in Python."""
+    try:
+        return main(argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def first_line(error, limit=200):

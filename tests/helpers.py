@@ -15,10 +15,10 @@ SUBJ, MOT = tw.ASSETS / "toy" / "subject", tw.ASSETS / "toy" / "motion"  # the b
 
 
 def error_line(method, argv, capsys, warnings=False):
-    """method.main(argv) must exit with code 2 and print one line, 'error: ...' (after 'warning: skipping' lines
-    about bad records, where `warnings`) -> that line."""
+    """method.main(argv), run as its command line runs it (common.cli), must exit with code 2 and print one line,
+    'error: ...' (after 'warning: skipping' lines about bad records, where `warnings`) -> that line."""
     with pytest.raises(SystemExit) as e:
-        method.main(argv)
+        common.cli(method.main, argv)
     *before, err = capsys.readouterr().err.splitlines() or [""]
     assert e.value.code == 2 and err.startswith("error: "), err
     assert all(w.startswith("warning: skipping") for w in before) if warnings else not before, before

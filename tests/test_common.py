@@ -24,26 +24,45 @@ def test_mp4_and_gif_are_written_and_readable(tmp_path):
         assert common.read_video(tmp_path / name, tw.NUM_FRAMES).shape == (9, 3, 64, 64)
 
 
-def test_read_video_samples_uniformly_and_rejects_short_clips(tmp_path, capsys):
+def test_read_video_samples_uniformly_and_rejects_short_clips(tmp_path):
     clip = torch.linspace(-1, 1, 17)[:, None, None, None].expand(17, 3, 4, 4)  # frame i has value ~ i
     common.write_frames(tmp_path / "ramp", clip)
     got = common.read_video(tmp_path / "ramp", 9)
     assert torch.allclose(got[:, 0, 0, 0], clip[::2, 0, 0, 0], atol=1 / 127)
     assert torch.allclose(common.read_video(tmp_path / "ramp", 3, stride=4)[:, 0, 0, 0], clip[[0, 4, 8], 0, 0, 0],
                           atol=1 / 127)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(common.InputError, match="has 17 frames, 49 are needed"):
         common.read_video(tmp_path / "ramp", 49)
-    assert e.value.code == 2 and "has 17 frames, 49 are needed" in capsys.readouterr().err
 
 
-def test_missing_files_give_one_clear_line(tmp_path, capsys):
-    for call in (lambda: common.read_image(tmp_path / "nope.png"), lambda: common.read_video(tmp_path / "no.mp4", 9),
-                 lambda: common.load_checkpoint(tmp_path / "ckpt.pt")):
-        with pytest.raises(SystemExit) as e:
+def test_missing_files_give_one_clear_line(tmp_path):
+    for call, words in ((lambda: common.read_image(tmp_path / "nope.png"), "cannot read image"),
+                        (lambda: common.read_video(tmp_path / "no.mp4", 9), "cannot read video"),
+                        (lambda: common.load_checkpoint(tmp_path / "ckpt.pt"), "no checkpoint at")):
+        with pytest.raises(common.InputError) as e:
             call()
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1
+        assert str(e.value).startswith(words) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_bad_input_is_an_error_to_catch_and_only_cli_ends_the_run(tmp_path, capsys):
+    """A reader's bad input is an InputError that a caller in Python can catch and go on; only common.cli, the
+    scripts' entry, turns it into one line on stderr and exit code 2."""
+    caught = None
+    try:
+        common.read_video(tmp_path / "no.mp4", 9)
+    except common.InputError as e:  # caught: the caller goes on, and nothing was printed
+        caught = str(e)
+    assert caught is not None and caught.startswith("cannot read video") and capsys.readouterr().err == ""
+    with pytest.raises(common.InputError) as e:
+        common.fail("a library's message\n  on two lines")
+    assert str(e.value) == "a library's message on two lines"
+    with pytest.raises(SystemExit) as e:
+        common.cli(lambda argv: common.read_video(tmp_path / argv[0], 9), ["no.mp4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: cannot read video") and err.count("\n") == 1, err
+    assert common.cli(lambda argv: argv, ["ok"]) == ["ok"]  # a run that goes well returns main's value
+    with pytest.raises(ZeroDivisionError):  # a bug stays a traceback: only InputError is a one-line exit
+        common.cli(lambda argv: 1 / 0)
 
 
 def test_resize_crop_keeps_the_centre():
@@ -201,29 +220,28 @@ def test_library_messages_are_cut_to_their_first_meaningful_line():
 @pytest.mark.parametrize("flags", [dict(steps=0), dict(steps=-5), dict(lr=float("nan")), dict(lr=0.0),
                                    dict(lr=float("inf")), dict(p=1.5), dict(seed=-1), dict(seed=2 ** 32),
                                    dict(warmup=-1)])
-def test_numeric_flags_out_of_range_end_with_one_line(flags, capsys):
+def test_numeric_flags_out_of_range_end_with_one_line(flags):
     args = argparse.Namespace(**{**dict(steps=10, lr=1e-4, p=0.5, seed=0, warmup=0), **flags})
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(common.InputError) as e:
         common.check_numbers(args, at_least_one=["steps"], at_least_zero=["warmup"], positive=["lr"], unit=["p"])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--{next(iter(flags))}" in err
+    assert str(e.value).startswith(f"--{next(iter(flags))} must be") and "\n" not in str(e.value)
     common.check_numbers(argparse.Namespace(steps=1, lr=1e-4, p=1.0, seed=0, warmup=0), at_least_one=["steps"],
                          at_least_zero=["warmup"], positive=["lr"], unit=["p"])  # the edges pass
 
 
-def test_out_holding_a_run_is_only_reused_on_purpose(tmp_path, capsys):
+def test_out_holding_a_run_is_only_reused_on_purpose(tmp_path):
     common.check_out(tmp_path / "new")  # nothing there: fine
     (tmp_path / "empty").mkdir()
     common.check_out(tmp_path / "empty")
-    (tmp_path / "file").write_text("x")
+    file = tmp_path / "file"
+    file.write_text("x")
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
-    for out, flags in [(tmp_path / "file", {}), (tmp_path / "file", dict(overwrite=True)), (run, {})]:
-        with pytest.raises(SystemExit) as e:
+    for out, flags, words in [(file, {}, "is a file"), (file, dict(overwrite=True), "is a file"),
+                              (run, {}, "holds an earlier run (config.json)")]:
+        with pytest.raises(common.InputError, match=re.escape(words)):
             common.check_out(out, **flags)
-        assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
     for flag in ("resume", "sample_only", "overwrite"):
         common.check_out(run, **{flag: True})
 
