@@ -1,13 +1,12 @@
 """Zero-shot subject-driven video by dual-task learning, on CogVideoX.
 
-One model is trained once, on many subjects, and then makes a video of any new subject from ONE reference image,
-with no per-subject tuning. The reference image is VAE-encoded to one latent frame, patch-embedded by the
-transformer's own patch_embed.proj and joined to the sequence as clean condition tokens between the text and the
-video tokens (OminiControl-style). A LoRA on the frozen CogVideoX T5-to-video transformer learns to use them by
-alternating two tasks: with probability p an I2V "motion" step on an unpaired video (a random frame of the clip is
-the reference, half of its tokens dropped) keeps the model's motion; otherwise an identity step on a subject-image
-pair (the target is a one-frame video) teaches identity transfer. Sampling is CogVideoX's sampler with guidance on
-the text only; the reference tokens are in both branches.
+One model, trained once on many subjects, makes a video of any new subject from ONE reference image, with no
+per-subject tuning. The reference image is VAE-encoded to one latent frame, patch-embedded by the transformer's own
+patch_embed.proj and joined to the sequence as clean condition tokens between the text and the video tokens
+(OminiControl-style). A LoRA on the frozen CogVideoX T5-to-video transformer learns to use them by alternating two
+tasks: with probability p an I2V "motion" step on an unpaired video (a random frame of the clip is the reference,
+half its tokens dropped) keeps the model's motion; otherwise an identity step on a subject-image pair (the target is
+a one-frame video) teaches identity transfer. Guidance is on the text only: both branches hold the reference.
 
     # a real run on 8 GPUs: the paper's 256 pairs / 32 videos a step by 4 passes of gradient accumulation
     torchrun --nproc_per_node 8 dual_task_sdv.py train --pairs PAIRS --videos VIDEOS --out out/dual_task_sdv --grad-ckpt
@@ -19,8 +18,7 @@ the text only; the reference tokens are in both branches.
 
 Training writes pytorch_lora_weights.safetensors (the diffusers LoRA format: CogVideoXPipeline's load_lora_weights
 loads it) and cls_embedding.safetensors (the trained input row of <cls>) into --out; with --grad-every also
-grad_log.jsonl (B.1), which `python evaluate.py --grad-cosine PNG LOG...` draws as the paper's Fig. 5. --dry-run
-checks every input and prints the plan without loading a model.
+grad_log.jsonl (B.1), which `python evaluate.py --grad-cosine PNG LOG...` draws as the paper's Fig. 5.
 
 The paper: Kim et al., "Subject-driven Video Generation via Disentangled Identity and Motion" (2025; CITATION.bib):
 sections 3-5, supplement A (LoRA, optimiser, data), B (gradient analysis), D. The official code is inference-only;
@@ -28,7 +26,6 @@ where it decides (reference token positions and modulation, guidance on the text
 """
 import argparse
 import contextlib
-import io
 import json
 import os
 import sys
@@ -47,13 +44,11 @@ import toyworld
 # settings: paper values as defaults; --model toy applies TOY on top
 
 # supplement A.1. Peft matches a target as the whole module name or a ".target" suffix, so "proj" also hits
-# patch_embed.proj (the conv that embeds latents, also used for the reference tokens) and ff.net.0.proj (the FF's
-# first linear, inside GELU). We keep that on purpose: it is what the official config does, and the LoRA on
-# patch_embed.proj lets the model embed clean reference latents differently from noisy ones. It does NOT hit
-# proj_out or text_proj (the suffix must follow a dot); text_proj is listed by itself.
+# patch_embed.proj (the conv that embeds latents and the reference) and ff.net.0.proj (the FF's first linear, inside
+# GELU), on purpose, as the official config does: the LoRA on patch_embed.proj lets the model embed clean reference
+# latents apart from noisy ones. It misses proj_out and text_proj (the suffix must follow a dot): text_proj is listed.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "norm1.linear", "norm2.linear", "ff.net.2", "proj", "text_proj"]
-ADAPTER = "dtsdv"
-CLS = "<cls>"
+ADAPTER, CLS = "dtsdv", "<cls>"  # the peft adapter's name; the new word written before the subject noun (sec. 3)
 LORA_FILE, CLS_FILE = "pytorch_lora_weights.safetensors", "cls_embedding.safetensors"  # what training leaves
 
 
@@ -138,23 +133,19 @@ TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, steps=20, cfg=
 
 
 def check_args(args):
-    """Every numeric flag in range and every text non-empty, before anything loads. --iterations 0 is the untrained
-    base model; CogVideoX's VAE needs 4k+1 frames and sizes that are multiples of 16 (8x VAE, 2x2 patches)."""
-    common.check_numbers(args, at_least_one=["rank", "max_text_len", "pair_batch", "video_batch", "pair_micro",
-                                             "video_micro", "steps", "num_samples", "fps", "log_every", "save_every",
-                                             "toy_pairs", "toy_videos", "seeds", "lr_cycles"],
-                         at_least_zero=["iterations", "warmup", "grad_every", "weight_decay", "cfg", "crop_jitter",
-                                        "ablation_seeds"],
-                         positive=["lr", "lora_alpha", "grad_clip"], unit=["p", "p_drop", "lora_dropout", "max_bad"])
+    """Every flag in range and every text non-empty, before anything loads (--iterations 0: the untrained base)."""
+    common.check_numbers(
+        args, positive=["lr", "lora_alpha", "grad_clip"], unit=["p", "p_drop", "lora_dropout", "max_bad"],
+        at_least_zero=["iterations", "warmup", "grad_every", "weight_decay", "cfg", "crop_jitter", "ablation_seeds"],
+        at_least_one=["rank", "max_text_len", "pair_batch", "video_batch", "pair_micro", "video_micro", "steps",
+                      "num_samples", "fps", "log_every", "save_every", "toy_pairs", "toy_videos", "seeds", "lr_cycles"])
     common.check_cogvideox_video(args)
     common.check_words(args, ["prompt"])
-    if args.mode == "sample":
-        held_out = args.model == "toy" and not args.image and not args.prompt  # the toy world's held-out sprites
-        if not args.ckpt or not held_out and not (args.image and args.prompt):
+    if args.mode == "sample":  # --image with --prompt, or (the toy world's held-out sprites) neither
+        if not args.ckpt or bool(args.image) != bool(args.prompt) or not args.image and args.model != "toy":
             common.fail("sample: --ckpt RUN (a training's --out), --image REF and --prompt are needed")
         if args.prompt and CLS not in args.prompt:  # sec. 3: <cls> stands before the subject noun, as in training
-            common.fail(f"--prompt {args.prompt!r} has no {CLS}: write it before the subject noun "
-                        f"('a {CLS} toy car driving on a beach')")
+            common.fail(f"--prompt {args.prompt!r} has no {CLS}: write it before the subject noun ('a {CLS} toy car')")
     if args.mode == "train" and (not args.pairs or not args.videos):
         common.fail("train: --pairs DIR and --videos DIR are needed (or --model toy)")
 
@@ -215,9 +206,7 @@ def read_pairs(folder, max_bad):
             skip(f"pairs.jsonl line {i}", why, bad, len(lines), max_bad)
         else:
             good.append(pair)
-    if not good:
-        common.fail(f"--pairs {folder}: pairs.jsonl holds no usable pair")
-    return good
+    return good  # none: task_pools stops the run
 
 
 def read_videos(folder, max_bad):
@@ -239,8 +228,6 @@ def read_videos(folder, max_bad):
             good.append((q, text))
         else:
             skip(str(q), "no caption (a non-empty sidecar .txt or a captions.jsonl line)", bad, len(files), max_bad)
-    if not good:
-        common.fail(f"--videos {folder} holds no captioned video ({', '.join(common.VIDEO_EXTS)})")
     return good
 
 
@@ -276,38 +263,31 @@ class FolderData:
             common.fail(f"pair prompt {lacking!r} has no {CLS}, so its embedding would learn nothing from it; write "
                         f"it before the subject noun ('an {CLS} armchair in the living room') or use --no-train-cls")
 
-    def _load(self, records, idx, load, gen):
-        out = []
-        for i in idx.tolist():
-            while True:
-                try:  # common's readers end a CLI run on a bad file (SystemExit); here its line becomes a warning
-                    with contextlib.redirect_stderr(io.StringIO()) as err:
-                        out.append(load(records[i], gen))
-                    break
-                except (Exception, SystemExit) as e:
-                    why = err.getvalue().strip().removeprefix("error: ") or common.first_line(e)
-                    skip(str(records[i][0]), f"unreadable ({why})", self.bad, len(records), self.args.max_bad)
-                    i = int(torch.randint(len(records), (1,), generator=gen))
-        return out
+    def _read(self, rows, i, load, gen):
+        while True:
+            try:
+                return load(rows[i], gen)
+            except Exception as e:  # common's readers raise InputError on a bad file: here it becomes a warning
+                skip(str(rows[i][0]), f"unreadable ({common.first_line(e)})", self.bad, len(rows), self.args.max_bad)
+                i = int(torch.randint(len(rows), (1,), generator=gen))
 
     def _pair(self, r, gen):
         size, jitter = (self.args.height, self.args.width), self.args.crop_jitter
         if r[0] == r[1]:  # composite: the left half is the reference, the right half the target
             both = common.read_image(r[0])
-            w = both.shape[-1] // 2
-            ref, target = both[..., :w], both[..., w:2 * w]
+            ref, target = both[..., :both.shape[-1] // 2 * 2].chunk(2, dim=-1)
         else:
             ref, target = common.read_image(r[0]), common.read_image(r[1])
         return jitter_crop(ref, size, jitter, gen), jitter_crop(target, size, jitter, gen), r[2]
 
     def pair_batch(self, idx, gen):
-        refs, targets, prompts = zip(*self._load(self.pairs, idx, self._pair, gen))
+        refs, targets, prompts = zip(*[self._read(self.pairs, i, self._pair, gen) for i in idx.tolist()])
         return torch.stack(refs), torch.stack(targets), list(prompts)
 
     def video_batch(self, idx, gen):
         a = self.args
         clip = lambda r, g: (read_clip(r[0], a.frames, a.fps, (a.height, a.width)), r[1])
-        clips, captions = zip(*self._load(self.videos, idx, clip, gen))
+        clips, captions = zip(*[self._read(self.videos, i, clip, gen) for i in idx.tolist()])
         return torch.stack(clips), list(captions)
 
 
@@ -316,8 +296,7 @@ class FolderData:
 
 
 def load_models(args, device, dtype):
-    """CogVideoX transformer, VAE, T5 + tokenizer (with <cls> added), scheduler, and "cls": the <cls> input
-    embedding as its own fp32 parameter; or the toy world's pieces."""
+    """CogVideoX's parts (or the toy world's) with <cls> added to T5, and m["cls"]: its input row, an fp32 parameter."""
     m = common.load_cogvideox(args.model, args.sampler, dtype) if args.model != "toy" else toyworld.cogvideox_parts()
     cid = add_cls_token(m["tokenizer"], m["text_encoder"])
     cfg = m["transformer"].config
@@ -381,17 +360,14 @@ def attention(attn, x, n_text, rotary):
     q, k, v = (m(x).view(b, s, attn.heads, -1).transpose(1, 2) for m in (attn.to_q, attn.to_k, attn.to_v))
     if attn.norm_q is not None:
         q, k = attn.norm_q(q), attn.norm_k(k)
-    if rotary is not None:
-        q = torch.cat([q[:, :, :n_text], rope(q[:, :, n_text:], *rotary)], 2)
-        k = torch.cat([k[:, :, :n_text], rope(k[:, :, n_text:], *rotary)], 2)
+    q, k = (torch.cat([a[:, :, :n_text], rope(a[:, :, n_text:], *rotary)], 2) for a in (q, k))  # text: no rotary
     o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, -1)
     return attn.to_out[1](attn.to_out[0](o))
 
 
 def block_forward(block, txt, ref, vid, emb, emb0, rotary):
-    """CogVideoXBlock.forward with a third group of tokens: ref gets the block's own norm1/norm2 (adaLN-zero) with
-    the timestep embedding of t = 0 (clean condition tokens, OminiControl-style; no new weights). Attention and FF
-    see [text, ref, video] as one sequence."""
+    """CogVideoXBlock.forward with a third token group, ref, modulated by the block's own norm1/norm2 (adaLN-zero) at
+    t = 0's embedding (clean condition tokens, OminiControl-style; no new weights); [text, ref, video] attend as one."""
     n_txt, n_ref = txt.shape[1], ref.shape[1]
     nv, nt, gv, gt = block.norm1(vid, txt, emb)
     nr, _, gr, _ = block.norm1(ref, ref, emb0)  # the "video" half of norm1's modulation, at t = 0
@@ -404,9 +380,8 @@ def block_forward(block, txt, ref, vid, emb, emb0, rotary):
 
 
 def reference_rotary(transformer, frames, h, w, n_ref, keep=None):
-    """(cos, sin) for [ref, video]: a (frames + 1)-frame grid, the reference on frame 0 and the video on frames
-    1..frames. keep (B, k) gathers the kept reference positions per sample -> (B, S, Dh). n_ref = 0: the base
-    model's grid (video on frames 0..frames-1)."""
+    """(cos, sin) for [ref, video] on a (frames + 1)-frame grid: the reference on frame 0, the video on 1..frames;
+    keep (B, k) gathers each sample's kept reference positions -> (B, S, Dh). n_ref = 0: the base model's grid."""
     if n_ref == 0 and keep is None:
         return common.cogvideox_rotary(transformer, frames, h, w)
     cos, sin = common.cogvideox_rotary(transformer, frames + 1, h, w)
@@ -418,10 +393,9 @@ def reference_rotary(transformer, frames, h, w, n_ref, keep=None):
 
 
 def forward_with_reference(transformer, z, text, t, ref=None, keep=None):
-    """v-prediction (B, F, C, h, w) for noisy latents z, text embeddings (B, L, D), timesteps t (B,), and the
-    reference latent ref (B, 1, C, h, w) (None: no reference tokens: exactly the base transformer). keep (B, k):
-    indices of the reference tokens kept by TokenDrop (None: all)."""
-    tr, (b, f, c, h, w), dt = transformer, z.shape, transformer.dtype
+    """v-prediction (B, F, C, h, w) for noisy latents z, text embeddings (B, L, D), timesteps t (B,) and the reference
+    latent ref (B, 1, C, h, w) (None: exactly the base model); keep (B, k): the tokens TokenDrop keeps (None: all)."""
+    tr, (b, f, c, h, w), dt, p = transformer, z.shape, transformer.dtype, transformer.config.patch_size
     time = lambda tt: tr.time_embedding(tr.time_proj(tt).to(dt), None)
     emb, emb0 = time(t), time(torch.zeros_like(t))  # emb0: the reference tokens' modulation, at t = 0
     seq = tr.embedding_dropout(tr.patch_embed(text.to(dt), z.to(dt)))  # text_proj + proj, as the base model
@@ -436,19 +410,14 @@ def forward_with_reference(transformer, z, text, t, ref=None, keep=None):
                                                             use_reentrant=False)
         else:
             txt, r, vid = block_forward(block, txt, r, vid, emb, emb0, rotary)
-    x = tr.proj_out(tr.norm_out(tr.norm_final(vid), temb=emb))
-    p = tr.config.patch_size
-    x = x.reshape(b, f, h // p, w // p, -1, p, p).permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
-    return x.float()
-
-
-# the trained weights in the formats users load: the LoRA as diffusers saves it (its LoraConfig in the file's
-# metadata, so CogVideoXPipeline.load_lora_weights(out) rebuilds rank, alpha and targets), and the <cls> row in
-# its own small file, {"<cls>": (D,) fp32}, as textual inversion keeps a new word (diffusers' CogVideoX pipeline
-# has no textual-inversion loader: set the row yourself, as load_lora below does)
+    x = tr.proj_out(tr.norm_out(tr.norm_final(vid), temb=emb))  # then unpatchify, as the base model
+    return x.reshape(b, f, h // p, w // p, -1, p, p).permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4).float()
 
 
 def save_lora(tr, m, args, out):
+    """The LoRA as diffusers saves it (its LoraConfig in the metadata: CogVideoXPipeline.load_lora_weights(out)
+    rebuilds rank, alpha, targets), and the <cls> row, {"<cls>": (D,) fp32}, in its own file as textual inversion
+    keeps a new word (CogVideoX's pipeline has no textual-inversion loader: set the row yourself, as load_lora does)."""
     from diffusers import CogVideoXPipeline
     from safetensors.torch import save_file
     meta = dict(method="dual_task_sdv", model=args.model, iterations=str(args.iterations), p=str(args.p))
@@ -464,8 +433,7 @@ def read_cls(folder, model):
     if not all((folder / name).is_file() for name in (LORA_FILE, CLS_FILE)):
         common.fail(f"--ckpt {folder} holds no {LORA_FILE} and {CLS_FILE}; train first (its --out is the --ckpt)")
     try:
-        with safe_open(str(folder / LORA_FILE), "pt") as f, safe_open(str(folder / CLS_FILE), "pt") as g:
-            f.keys()
+        with safe_open(str(folder / LORA_FILE), "pt"), safe_open(str(folder / CLS_FILE), "pt") as g:  # both open
             meta, row = g.metadata() or {}, g.get_tensor(CLS)
     except Exception as e:
         common.fail(f"cannot read the trained weights in {folder} ({common.first_line(e)}): train again")
@@ -482,13 +450,12 @@ def load_lora(m, folder, row):
 
 
 # -----------------------------------------------------------------------------
-# the method's losses: task draw, RandomFrameSelect, TokenDrop, the v-loss, buffered PCGrad
+# the method's losses: task draw, RandomFrameSelect, TokenDrop, the dual-task v-loss, buffered PCGrad
 
 
 def video_steps(seed, p, iterations, two_stage=False):
-    """Algorithm 1's task draw for every step at once: u ~ U(0, 1) < p -> a video (motion) step, else an identity
-    step. The generator is seeded the same on every rank, so all ranks run the same task in a step (and --resume
-    needs no state for it). --two-stage: identity steps for the first half, video steps after."""
+    """Algorithm 1's task draw for all steps at once: u ~ U(0, 1) < p -> a video (motion) step, else an identity step;
+    one seed on every rank: the same task on all ranks (--resume needs no state). --two-stage: identity steps first."""
     if two_stage:
         return torch.arange(iterations) >= iterations // 2
     return torch.rand(iterations, generator=torch.Generator().manual_seed(seed)) < p
@@ -510,12 +477,6 @@ def reference_frames(clips, random_frame, gen):
     return clips[torch.arange(b), idx]
 
 
-def v_loss(transformer, z0, text, alphas_cumprod, gen, ref=None, keep=None):
-    """CogVideoX's v-prediction loss (common.cogvideox_v_loss) through the forward with the reference tokens."""
-    predict = lambda z_t, t, txt: forward_with_reference(transformer, z_t, txt, t, ref, keep)
-    return common.cogvideox_v_loss(predict, z0, text, alphas_cumprod, gen)
-
-
 def trainable(m, args):
     """The LoRA's parameters, then the <cls> row (unless --no-train-cls): the fixed order of every flat gradient."""
     m["cls"].requires_grad_(not args.no_train_cls)
@@ -531,23 +492,25 @@ class DualTaskStep(torch.nn.Module):
         super().__init__()
         self.transformer, self.cls, self.m, self.args = m["transformer"], m["cls"], m, args
 
-    def forward(self, kind, batch, gen):  # "video": I2V on the clip (--t2v: no reference); "image": identity
-        tr, vae, ac, args = self.transformer, self.m["vae"], self.m["scheduler"].alphas_cumprod, self.args
-        dev = self.cls.device
-        enc = lambda prompts: text_embeds(self.m, prompts, args.max_text_len)
-        latents = lambda x: common.cogvideox_encode(vae, x.to(dev))
-        if kind == "video":
-            clips, captions = batch
-            z0, ref, keep = latents(clips), None, None
-            if not args.t2v:
+    def forward(self, kind, batch, gen):
+        tr, args, dev = self.transformer, self.args, self.cls.device
+        latents = lambda x: common.cogvideox_encode(self.m["vae"], x.to(dev))
+        ref = keep = None
+        if kind == "video":  # the motion step: I2V on the clip (--t2v: plain T2V, no reference tokens)
+            clips, prompts = batch
+            z0 = latents(clips)
+            if not args.t2v:  # RandomFrameSelect, then TokenDrop on the reference's tokens
                 ref = latents(reference_frames(clips, not args.no_random_frame, gen)[:, None])
                 n_ref = ref.shape[-2] * ref.shape[-1] // tr.config.patch_size ** 2
                 keep = token_keep(n_ref, len(clips), args.p_drop, gen)
                 keep = keep.to(dev) if keep is not None else None
-            return v_loss(tr, z0, enc(captions), ac, gen, ref, keep)
-        refs, targets, prompts = batch
-        z0, ref = latents(targets[:, None]), latents(refs[:, None])
-        return v_loss(tr, z0, enc(prompts), ac, gen, ref)  # a one-frame video on a 2-frame rotary grid
+        else:  # the identity step: the target image is a one-frame video (on a 2-frame rotary grid)
+            refs, targets, prompts = batch
+            z0, ref = latents(targets[:, None]), latents(refs[:, None])
+        # CogVideoX's v-prediction loss (common.cogvideox_v_loss) through the forward with the reference tokens
+        predict = lambda z_t, t, txt: forward_with_reference(tr, z_t, txt, t, ref, keep)
+        text = text_embeds(self.m, prompts, args.max_text_len)
+        return common.cogvideox_v_loss(predict, z0, text, self.m["scheduler"].alphas_cumprod, gen)
 
 
 def pcgrad_project(g, other, eps=1e-12):
@@ -558,11 +521,10 @@ def pcgrad_project(g, other, eps=1e-12):
 
 
 class PCGradBuffer:
-    """Buffered PCGrad (B.3): a FIFO of the last `size` (domain, gradient) pairs. The current step's gradient is
-    projected against the most recent gradient of the OTHER domain in the buffer (B.3's projection formula); until
-    both domains are in the buffer, no projection. We use the projected gradient of the step's own task as the
-    update (one task per step, as the stochastic schedule), not B.3's (1-p) g_img + p g_vid mixture of buffered
-    gradients (C.5 writes it differently again), which would apply stale gradients."""
+    """Buffered PCGrad (B.3): a FIFO of the last `size` (domain, gradient) pairs; the step's gradient is projected
+    (B.3's formula) against the latest gradient of the OTHER domain in it, and not at all until both domains are in.
+    The update is the projected gradient of the step's own task (one task per step, as the stochastic schedule), not
+    B.3's (1-p) g_img + p g_vid mixture of buffered gradients (C.5 writes it differently again): stale gradients."""
 
     def __init__(self, size):
         self.size, self.items = size, []
@@ -580,16 +542,14 @@ class PCGradBuffer:
 def sample(tr, scheduler, text, uncond, ref, latents, steps, cfg):
     """Denoise latents (1, F', C, h, w) (common.cogvideox_sample) with guidance on the text only: both branches see
     the reference tokens of ref (1, 1, C, h, w)."""
-    refs = torch.cat([ref, ref])
-    predict = lambda z, t, txt: forward_with_reference(tr, z, txt, t, refs)
+    predict = lambda z, t, txt: forward_with_reference(tr, z, txt, t, torch.cat([ref, ref]))  # one per branch
     return common.cogvideox_sample(predict, scheduler, text, uncond, latents, steps, cfg)
 
 
 @torch.no_grad()
 def generate(m, image, prompt, args, seed):
     """One video (F, 3, H, W) of the subject in `image` (3, H, W) following `prompt`."""
-    tr, vae = m["transformer"], m["vae"]
-    dev = next(tr.parameters()).device
+    tr, vae, dev = m["transformer"], m["vae"], m["cls"].device
     text, uncond = (text_embeds(m, [x], args.max_text_len) for x in (prompt, args.negative_prompt))
     ref = common.cogvideox_encode(vae, image[None, None].to(dev))
     noise = common.cogvideox_noise(tr, vae, 1, args.frames, args.height, args.width, seed)
@@ -599,8 +559,7 @@ def generate(m, image, prompt, args, seed):
 
 def toy_eval(m, args, out):
     """The held-out toy sprites (toyworld.heldout_eval), each sampled from one reference image, into --out."""
-    metrics, video, grid = toyworld.heldout_eval(lambda ref, prompt, seed: generate(m, ref, prompt, args, seed),
-                                                 args.seed)
+    metrics, video, grid = toyworld.heldout_eval(lambda ref, p, seed: generate(m, ref, p, args, seed), args.seed)
     common.write_result_files(out, video, grid, args.fps, 8, metrics)
     return metrics
 
@@ -615,9 +574,8 @@ def flat_grad(params):
 
 
 def grad_probe(model, params, probe, args):
-    """cos(g_img, g_vid), ||g_img||, ||g_vid|| on the fixed validation batches (fixed noise too); the parameters'
-    gradients are cleared afterwards. One backward per task: under DDP its all-reduce gives the mean over ranks of
-    the task's gradient, which is what B.1 computes from the pre-sync capture (sum over ranks / world)."""
+    """cos(g_img, g_vid), ||g_img||, ||g_vid|| on the fixed validation batches and noise (gradients cleared after).
+    One backward per task: under DDP it all-reduces to the ranks' mean, as B.1's pre-sync sum over ranks / world."""
     g = {}
     for kind, batch in probe.items():
         model.zero_grad()
@@ -634,29 +592,17 @@ def task_pools(data, batches, world, args):
     pools = {}
     for kind, n in (("image", len(data.pairs)), ("video", len(data.videos))):
         n_val = batches[kind][0] * world if args.grad_every else 0
-        if n_val >= n:
-            common.fail(f"{n} records leave none to train on after a validation split of {n_val} (--grad-every)")
+        if n_val >= n:  # no usable record at all, or all of them taken by the validation split
+            common.fail(f"{n} usable {kind} records leave none to train on" +
+                        f" after a validation split of {n_val} (--grad-every)" * bool(n_val))
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
         pools[kind] = perm[n_val:].sort().values, perm[:n_val]
     return pools
 
 
-def save_state(out, tr, cls, step, opt, sched, gen, rank=0, world=1):
-    """Rank 0 writes; the per-rank data/noise generator states are gathered so that --resume continues each rank."""
-    gens = [gen.get_state()]
-    if world > 1:
-        gens = [None] * world
-        dist.all_gather_object(gens, gen.get_state())
-    if rank == 0:
-        lora = {n: p.detach().float().cpu() for n, p in tr.named_parameters() if f".{ADAPTER}." in n}
-        common.save_atomic(dict(step=step, lora=lora, cls=cls.detach().cpu(), opt=opt.state_dict(),
-                                sched=sched.state_dict(), gen=gens, rng=common.rng_state()), out / "ckpt.pt")
-
-
 def train(m, data, args, out, batches, state, rank=0, world=1):
-    """Algorithm 1: each step is a video (I2V) or an identity (one-frame) step, drawn by a task generator seeded the
-    same on every rank; data and noise use per-rank generators. batches: {kind: (micro-batch, passes)}; state: the
-    --resume checkpoint ({} for a new run)."""
+    """Algorithm 1: each step is a video (I2V) or an identity (one-frame) step, the same task on every rank; data and
+    noise draw from per-rank generators. batches: {kind: (micro-batch, passes)}; state: --resume's checkpoint or {}."""
     from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
     tr, params, model = m["transformer"], trainable(m, args), DualTaskStep(m, args)
     if world > 1:  # backward averages the gradients over ranks. DDP first broadcasts rank 0's weights (the frozen
@@ -683,34 +629,39 @@ def train(m, data, args, out, batches, state, rank=0, world=1):
     pools = {kind: pool[rank::world] if len(pool) > rank else pool for kind, (pool, _) in pools.items()}
     draw = lambda pool, b, g: pool[torch.randint(len(pool), (b,), generator=g)]
     log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
+    grad_log = common.StepLog(out / "grad_log.jsonl", every=args.grad_every or 1, append=args.resume)  # B.1
     model.train()
     bar = tqdm(range(state.get("step", 0), args.iterations), desc="dual-task", disable=None if rank == 0 else True)
     for step in bar:
         if probe is not None and step % args.grad_every == 0:
             stats = grad_probe(model, params, probe, args)
             if rank == 0:
-                with open(out / "grad_log.jsonl", "a") as f:
-                    f.write(json.dumps(dict(step=step, **stats)) + "\n")
+                grad_log(step, bar, **stats)
         kind = "video" if tasks[step] else "image"
-        (micro, passes), total = batches[kind], 0.0
+        (micro, passes), last[kind] = batches[kind], 0.0  # the step's loss, summed over the passes
         opt.zero_grad(set_to_none=True)
         for i in range(passes):  # gradient accumulation: DDP all-reduces once, in the last pass's backward
             with model.no_sync() if world > 1 and i < passes - 1 else contextlib.nullcontext():
                 loss = model(kind, load[kind](draw(pools[kind], micro, gen), gen), gen) / passes
                 common.check_finite(loss, step)
                 loss.backward()
-            total += loss.item()
+            last[kind] += loss.item()
         if pcgrad is not None:  # on the averaged gradient: every rank projects the same vector
             for p, g in zip(params, pcgrad(kind, flat_grad(params)).split([p.numel() for p in params])):
                 p.grad = g.view_as(p).to(p.dtype).clone()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
         sched.step()
-        last[kind] = total
         if rank == 0:
             log(step + 1, bar, **last, lr=sched.get_last_lr()[0])
-        if (step + 1) % args.save_every == 0 and step + 1 < args.iterations:
-            save_state(out, tr, m["cls"], step + 1, opt, sched, gen, rank, world)
+        if (step + 1) % args.save_every == 0 and step + 1 < args.iterations:  # ckpt.pt, what --resume reads
+            gens = [gen.get_state()] * world  # every rank's data/noise generator, so that each rank continues
+            if world > 1:
+                dist.all_gather_object(gens, gen.get_state())
+            if rank == 0:
+                lora = {n: p.detach().float().cpu() for n, p in tr.named_parameters() if f".{ADAPTER}." in n}
+                common.save_atomic(dict(step=step + 1, lora=lora, cls=m["cls"].detach().cpu(), opt=opt.state_dict(),
+                                        sched=sched.state_dict(), gen=gens, rng=common.rng_state()), out / "ckpt.pt")
     model.eval()
 
 
@@ -724,9 +675,8 @@ def plan(args, data, batches):
             f"p_drop {args.p_drop}, AdamW lr {args.lr:g}; (micro-batch, passes) {batches}" + " (resumed)" * args.resume
             if data is not None else f"sample: LoRA and <cls> from {args.ckpt}; " + (
                 f"{args.image}, {args.prompt!r}, {args.num_samples} sample(s)" if args.image else "held-out sprites"))
-    print(f"model: {args.model}; LoRA rank {args.rank}, alpha {args.lora_alpha:g} on {', '.join(LORA_TARGETS)}\n"
-          f"{what}\nvideo: {args.frames} x {args.height}x{args.width}, {args.fps} fps; {args.sampler} {args.steps} "
-          f"steps, cfg {args.cfg:g}, seed {args.seed}\nout: {args.out}")
+    print(f"model: {args.model}, LoRA rank {args.rank}\n{what}\nvideo: {args.frames} x {args.height}x{args.width}, "
+          f"{args.fps} fps; {args.sampler} {args.steps} steps, cfg {args.cfg:g}, seed {args.seed}\nout: {args.out}")
 
 
 ABLATIONS = {"base (no training)": ["--iterations", "0"], "p 0.2": [], "p 0 (image only)": ["--p", "0"],
@@ -770,7 +720,6 @@ def main(argv=None):
         tr.enable_gradient_checkpointing()
     if args.mode == "sample":
         load_lora(m, args.ckpt, row)
-        out.mkdir(parents=True, exist_ok=True)
         if image is None:
             return toy_eval(m, args, out)
         videos = [generate(m, image, args.prompt, args, args.seed + i) for i in range(args.num_samples)]
@@ -780,13 +729,13 @@ def main(argv=None):
         return None
     if world > 1:  # every rank has checked --out (NCCL starts lazily) before rank 0 writes into it
         dist.barrier()
+    n_lora = sum(p.numel() for p in add_lora(tr, args))  # supplement A.1's LoRA, on every rank (DDP syncs them)
     if rank == 0:
         if args.overwrite and not args.resume:  # the earlier run goes only now, after the models loaded
             common.clear_run(out, [LORA_FILE, CLS_FILE, "grad_log.jsonl"])
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    print(f"rank {rank}/{world}: " * (world > 1) + f"LoRA: {sum(p.numel() for p in add_lora(tr, args)) / 1e6:.2f} M "
-          f"parameters on {len(common.lora_layers(tr))} layers")
+        print(f"LoRA: {n_lora / 1e6:.2f} M parameters on {len(common.lora_layers(tr))} layers")
     train(m, data, args, out, batches, state, rank, world)  # DDP keeps the ranks' weights equal: rank 0's are saved
     if rank == 0:
         save_lora(tr, m, args, out)
@@ -798,4 +747,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)
