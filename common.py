@@ -439,8 +439,8 @@ def load_checkpoint(path):
 def check_finite(loss, step):
     """Stop at the first non-finite loss with what to try, instead of training on garbage."""
     if not torch.isfinite(loss).all():
-        raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower the learning rate, check the inputs, "
-                         f"or use fp32 (--dtype float32)")
+        fail(f"loss is {loss.item()} at step {step}; lower the learning rate, check the inputs, or use fp32 "
+             f"(--dtype float32)")
 
 
 class StepLog:

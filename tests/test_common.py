@@ -94,7 +94,7 @@ def test_rng_state_round_trip():
 
 def test_check_finite_stops_with_a_message():
     common.check_finite(torch.tensor(1.0), 0)
-    with pytest.raises(SystemExit, match="loss is nan at step 7"):
+    with pytest.raises(common.InputError, match="loss is nan at step 7"):
         common.check_finite(torch.tensor(float("nan")), 7)
 
 
