@@ -111,6 +111,8 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="check inputs, print the plan, load nothing")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--sample-every", type=int, default=250, help="write a sample (fixed seed) to --out/samples/ every "
+                                                                 "this many steps (0: never)")
     p.add_argument("--toy-pairs", type=int, default=256, help="toy world: subject-image pairs made in memory")
     p.add_argument("--toy-videos", type=int, default=64, help="toy world: unpaired videos made in memory")
     p.add_argument("--ablate", action="store_true", help="toy world: p = 0 / 0.2 / 0.4 and the regulariser ablations")
@@ -136,7 +138,8 @@ def check_args(args):
     """Every flag in range and every text non-empty, before anything loads (--iterations 0: the untrained base)."""
     common.check_numbers(
         args, positive=["lr", "lora_alpha", "grad_clip"], unit=["p", "p_drop", "lora_dropout", "max_bad"],
-        at_least_zero=["iterations", "warmup", "grad_every", "weight_decay", "cfg", "crop_jitter", "ablation_seeds"],
+        at_least_zero=["iterations", "warmup", "grad_every", "sample_every", "weight_decay", "cfg", "crop_jitter",
+                       "ablation_seeds"],
         at_least_one=["rank", "max_text_len", "pair_batch", "video_batch", "pair_micro", "video_micro", "steps",
                       "num_samples", "fps", "log_every", "save_every", "toy_pairs", "toy_videos", "seeds", "lr_cycles"])
     common.check_cogvideox_video(args)
@@ -539,21 +542,15 @@ class PCGradBuffer:
 # sampling: CogVideoX's sampler, guidance on the text only
 
 
-def sample(tr, scheduler, text, uncond, ref, latents, steps, cfg):
-    """Denoise latents (1, F', C, h, w) (common.cogvideox_sample) with guidance on the text only: both branches see
-    the reference tokens of ref (1, 1, C, h, w)."""
-    predict = lambda z, t, txt: forward_with_reference(tr, z, txt, t, torch.cat([ref, ref]))  # one per branch
-    return common.cogvideox_sample(predict, scheduler, text, uncond, latents, steps, cfg)
-
-
 @torch.no_grad()
 def generate(m, image, prompt, args, seed):
     """One video (F, 3, H, W) of the subject in `image` (3, H, W) following `prompt`."""
     tr, vae, dev = m["transformer"], m["vae"], m["cls"].device
     text, uncond = (text_embeds(m, [x], args.max_text_len) for x in (prompt, args.negative_prompt))
     ref = common.cogvideox_encode(vae, image[None, None].to(dev))
+    predict = lambda z, t, txt: forward_with_reference(tr, z, txt, t, torch.cat([ref, ref]))  # both branches see it
     noise = common.cogvideox_noise(tr, vae, 1, args.frames, args.height, args.width, seed)
-    z = sample(tr, m["scheduler"], text, uncond, ref, noise.to(dev), args.steps, args.cfg)
+    z = common.cogvideox_sample(predict, m["scheduler"], text, uncond, noise.to(dev), args.steps, args.cfg)
     return common.cogvideox_decode(vae, z)[0].cpu().clamp(-1, 1)
 
 
@@ -562,6 +559,16 @@ def toy_eval(m, args, out):
     metrics, video, grid = toyworld.heldout_eval(lambda ref, p, seed: generate(m, ref, p, args, seed), args.seed)
     common.write_result_files(out, video, grid, args.fps, 8, metrics)
     return metrics
+
+
+def preview_ref(args, data, pools):
+    """The (image, prompt) that --sample-every samples: toy, toy_eval's first held-out sprite; real, one fixed pair."""
+    if args.mode != "toy":  # the first pair of B.1's validation split (--grad-every), else of training; a fixed crop
+        first = torch.cat(pools["image"][::-1])[:1]  # pools: {kind: (training indices, validation indices)}
+        refs, _, prompts = data.pair_batch(first, torch.Generator().manual_seed(args.seed))
+        return refs[0], prompts[0]
+    c = toyworld.HELDOUT_SUBJECTS[0]  # rendered as heldout_eval renders it (render's default generator: its seed 0)
+    return toyworld.render([dict(c, motion="still")], frames=1)[0, 0], toyworld.cls_prompt(dict(c, background="gray"))
 
 
 # -----------------------------------------------------------------------------
@@ -600,7 +607,7 @@ def task_pools(data, batches, world, args):
     return pools
 
 
-def train(m, data, args, out, batches, state, rank=0, world=1):
+def train(m, data, args, out, batches, state, rank=0, world=1, preview=None):
     """Algorithm 1: each step is a video (I2V) or an identity (one-frame) step, the same task on every rank; data and
     noise draw from per-rank generators. batches: {kind: (micro-batch, passes)}; state: --resume's checkpoint or {}."""
     from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
@@ -662,6 +669,12 @@ def train(m, data, args, out, batches, state, rank=0, world=1):
                 lora = {n: p.detach().float().cpu() for n, p in tr.named_parameters() if f".{ADAPTER}." in n}
                 common.save_atomic(dict(step=step + 1, lora=lora, cls=m["cls"].detach().cpu(), opt=opt.state_dict(),
                                         sched=sched.state_dict(), gen=gens, rng=common.rng_state()), out / "ckpt.pt")
+        if preview and args.sample_every and (step + 1) % args.sample_every == 0:  # rank 0's alone, as main passes it
+            model.eval()  # no LoRA dropout; fork_rng: DPM's global-RNG draws start at --seed, training's stream stays
+            with torch.random.fork_rng([m["cls"].device] if m["cls"].device.type == "cuda" else []):
+                torch.manual_seed(args.seed)
+                preview(step + 1)
+            model.train()
     model.eval()
 
 
@@ -708,7 +721,7 @@ def main(argv=None):
     if data is not None:
         batches = dict(image=micro_batches(args.pair_batch, args.pair_micro, world, "pair"),
                        video=micro_batches(args.video_batch, args.video_micro, world, "video"))
-        task_pools(data, batches, world, args)  # B.1's validation split must leave records to train on
+        pools = task_pools(data, batches, world, args)  # B.1's validation split must leave records to train on
     if rank == 0:
         plan(args, data, batches)
     if args.dry_run:
@@ -736,7 +749,9 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
         print(f"LoRA: {n_lora / 1e6:.2f} M parameters on {len(common.lora_layers(tr))} layers")
-    train(m, data, args, out, batches, state, rank, world)  # DDP keeps the ranks' weights equal: rank 0's are saved
+    preview = lambda step: common.write_preview(  # --sample-every's: rank 0 alone samples, waiting on no other rank
+        out, step, generate(m, *preview_ref(args, data, pools), args, args.seed), args.fps, toy=args.mode == "toy")
+    train(m, data, args, out, batches, state, rank, world, preview if rank == 0 else None)  # DDP keeps ranks equal
     if rank == 0:
         save_lora(tr, m, args, out)
     result = toy_eval(m, args, out) if rank == 0 and args.mode == "toy" else None

@@ -247,7 +247,8 @@ def test_out_holding_a_run_is_only_reused_on_purpose(tmp_path):
 
 
 SHARED_FLAGS = ["--sample-only", "--resume", "--overwrite", "--dry-run", "--num-samples", "--out", "--seed", "--dtype",
-                "--grad-ckpt", "--ablate", "--seeds", "--ablation-seeds", "--lr", "--log-every", "--save-every"]
+                "--grad-ckpt", "--ablate", "--seeds", "--ablation-seeds", "--lr", "--log-every", "--save-every",
+                "--sample-every"]
 
 
 def test_the_method_files_share_their_flags(capsys):
@@ -258,6 +259,5 @@ def test_the_method_files_share_their_flags(capsys):
             importlib.import_module(name).parse_args(["--help"])
         usage = capsys.readouterr().out.split("\n\n")[0]  # "usage: X.py [-h] [--flag VALUE] ...": every flag once
         flags = set(re.findall(r"\[(--[a-z0-9-]+)", usage))
-        wanted = SHARED_FLAGS + (["--sample-every"] if name != "dual_task_sdv" else [])
-        missing[name] = [f for f in wanted if f not in flags]
+        missing[name] = [f for f in SHARED_FLAGS if f not in flags]
     assert missing == dict.fromkeys(missing, []), missing

@@ -217,6 +217,24 @@ def test_toy_run_trains_saves_and_samples_and_sample_mode_reloads(tmp_path):
     assert (tmp_path / "two" / "result_grid.mp4").is_file()
 
 
+def test_samples_are_written_during_training_without_changing_it(tmp_path, monkeypatch):
+    """--sample-every k: out/samples/step_k.mp4 of the first held-out sprite at seed --seed (the last one is toy_eval's
+    first video); LoRA and <cls> are those of a run without previews, with LoRA dropout on and a sampler drawing from
+    the global RNG (as the real DPM one does)."""
+    from safetensors.torch import load_file
+    real = dts.generate
+    monkeypatch.setattr(dts, "generate", lambda *a: real(*a) + 0 * torch.randn(()))  # a global-RNG draw, as DPM's
+    a, b = tmp_path / "a", tmp_path / "b"
+    dts.main(FAST + ["--out", str(a), "--lora-dropout", "0.1", "--sample-every", "2"])
+    dts.main(FAST + ["--out", str(b), "--lora-dropout", "0.1", "--sample-every", "0"])
+    assert sorted(q.name for q in (a / "samples").iterdir()) == ["step_000002.mp4", "step_000004.mp4"]
+    assert not (b / "samples").exists()
+    for name in (dts.LORA_FILE, dts.CLS_FILE):
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    assert (a / "samples" / "step_000004.mp4").read_bytes() == (a / "result.mp4").read_bytes()
+
+
 def test_the_saved_lora_loads_in_a_cogvideox_pipeline_as_in_our_loader(tmp_path):
     """pytorch_lora_weights.safetensors is the diffusers format: CogVideoXPipeline.load_lora_weights gives the same
     transformer as the one that saved it, and as our sample mode's loader."""
@@ -358,10 +376,18 @@ def test_train_mode_on_folders_with_the_toy_backbone(tmp_path, capsys):
                                              max_bad=0.0, crop_jitter=0.0, no_train_cls=False))
     ref, target, _ = data.pair_batch(torch.tensor([3]), None)
     assert torch.allclose(ref[0], imgs[0], atol=1e-2) and torch.allclose(target[0], imgs[1], atol=1e-2)
+    # --sample-every's pair: the first of the validation split if there is one, else the first training pair
+    run = argparse.Namespace(mode="train", seed=0)
+    for train, val, want in ([0, 1, 2, 3], [], 0), ([0, 1, 2], [3], 3):
+        image, prompt = dts.preview_ref(run, data, dict(image=(torch.tensor(train), torch.tensor(val).long())))
+        refs, _, prompts = data.pair_batch(torch.tensor([want]), None)
+        assert torch.equal(image, refs[0]) and prompt == prompts[0]
     out = tmp_path / "run"
     dts.main(["train", "--model", "toy", "--pairs", str(pairs), "--videos", str(vids), "--iterations", "3",
-              "--warmup", "0", "--p", "0.5", "--out", str(out), "--pair-batch", "2", "--video-batch", "2"])
+              "--warmup", "0", "--p", "0.5", "--out", str(out), "--pair-batch", "2", "--video-batch", "2",
+              "--sample-every", "3", "--steps", "2"])
     assert (out / dts.LORA_FILE).is_file() and not (out / "metrics.json").exists()
+    assert [q.name for q in (out / "samples").iterdir()] == ["step_000003.mp4"]
 
 
 def test_ablate_runs_every_variant_and_logs_the_gradient_cosines(tmp_path, monkeypatch):
@@ -543,6 +569,7 @@ BAD = {  # argv -> the words of the one-line error
     "cfg -1": (TOY + ["--cfg", "-1"], "--cfg must be >= 0"),
     "warmup -1": (TOY + ["--warmup", "-1"], "--warmup must be >= 0"),
     "grad every -1": (TOY + ["--grad-every", "-1"], "--grad-every must be >= 0"),
+    "sample every -1": (TOY + ["--sample-every", "-1"], "--sample-every must be >= 0"),
     "save every 0": (TOY + ["--save-every", "0"], "--save-every must be >= 1"),
     "fps 0": (SAMPLE + ["--fps", "0"], "--fps must be >= 1"),
     "num samples 0": (SAMPLE + ["--num-samples", "0"], "--num-samples must be >= 1"),
