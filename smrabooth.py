@@ -448,10 +448,14 @@ def reference_flows(flow, videos):
 
 
 def mora_loss(flow, frames, ref_flow):
-    """L_MoRA = mean |F(x~_i, x~_i+1) - F(x_i, x_i+1)|_1 over consecutive decoded frames (sec. 3.3)."""
-    b, f = frames.shape[:2]
+    """L_MoRA = |F(x~_i, x~_i+1) - F(x_i, x_i+1)|_1 over consecutive decoded frames (sec. 3.3), with each flow
+    channel in units of its image side (x / W, y / H), averaged over pixels and frame pairs and summed over the two
+    channels. The paper gives no units; the official code normalises so, and in pixels the loss would grow with the
+    resolution against the paper's alpha = 1 (16x at the toy's 32 px, ~200x at 320x576)."""
+    b, f, _, h, w = frames.shape
     gen = flow(frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1)).unflatten(0, (b, f - 1))
-    return (gen.float() - ref_flow.float()).abs().mean()
+    side = torch.tensor([w, h], dtype=torch.float32, device=gen.device).view(2, 1, 1)  # (u, v) = (x, y) channels
+    return ((gen.float() - ref_flow.float()).abs() / side).mean((0, 1, 3, 4)).sum()
 
 
 # -----------------------------------------------------------------------------

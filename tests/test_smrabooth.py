@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import smrabooth as sm
@@ -99,7 +100,17 @@ def test_mora_is_zero_for_the_same_motion_and_grows_with_a_shift():
     ref_flow = tw.toy_flow(clip[0, :-1], clip[0, 1:])[None]
     assert sm.mora_loss(tw.toy_flow, clip, ref_flow) < 1e-6
     still = clip[:, :1].expand_as(clip)
-    assert sm.mora_loss(tw.toy_flow, still, ref_flow) > 0.3
+    assert sm.mora_loss(tw.toy_flow, still, ref_flow) > 0.1
+
+
+def test_mora_is_in_units_of_the_image_side_so_alpha_does_not_depend_on_the_resolution():
+    # the official code's units (x / W, y / H): the same motion at twice the size gives the same loss, not twice it
+    losses = []
+    for scale in (1, 2):
+        clip = F.interpolate(tw.motion_clip(), scale_factor=scale, mode="bilinear")[None]
+        ref_flow = tw.toy_flow(clip[0, :-1], clip[0, 1:])[None]
+        losses.append(float(sm.mora_loss(tw.toy_flow, clip[:, :1].expand_as(clip), ref_flow)))
+    assert abs(losses[1] / losses[0] - 1) < 0.15, losses
 
 
 def test_injection_layers_and_steps():
