@@ -378,7 +378,7 @@ def region_loss(v_pred, v, mask):
 
 def sura_loss(tokens, projector, target):
     """L_SuRA = -(1/N) sum_n cos(h_phi(z_t^1)[n], y*[n]) between projected block-0 tokens (B, N, dim) and
-    DINOv2 patch tokens (B, N, D) on the same grid (eq. 3)."""
+    DINOv2 patch tokens (B, N, D) on the same grid (sec. 3, "Subject Representation Alignment")."""
     return -F.cosine_similarity(projector(tokens.float()), target.float(), dim=-1).mean()
 
 
