@@ -610,10 +610,9 @@ def bench_dual_task_sdv(args, device, dtype):
     text, uncond = (text_embeds("cogvideox", args.tiny, device, dtype) for _ in range(2))
     noise = torch.randn(SETTINGS["dualreal"][0][2 if args.tiny else 1], device=device)
     ref = torch.randn_like(noise[:, :1])
-    predict = lambda z, t, txt: dual_task_sdv.forward_with_reference(transformer, z, txt, t, torch.cat([ref, ref]))
-    with torch.no_grad():  # as dual_task_sdv.generate: both guidance branches see the reference tokens
-        sample_s = timed(lambda: common.cogvideox_sample(predict, toyworld.noise_schedule("cogvideox"), text, uncond,
-                                                         noise, args.sample_steps, margs.cfg), 1, 0, device)
+    with torch.no_grad():
+        sample_s = timed(lambda: dual_task_sdv.sample(transformer, toyworld.noise_schedule("cogvideox"), text, uncond,
+                                                      ref, noise, args.sample_steps, margs.cfg), 1, 0, device)
     sampling = dict(sample_step_s=sample_s / args.sample_steps, sample_s=sample_s, pipeline_s=None,
                     pipeline_ratio=None)
     del transformer

@@ -542,15 +542,21 @@ class PCGradBuffer:
 # sampling: CogVideoX's sampler, guidance on the text only
 
 
+def sample(tr, scheduler, text, uncond, ref, latents, steps, cfg):
+    """Denoise latents (1, F', C, h, w) (common.cogvideox_sample) with guidance on the text only: both branches see
+    the reference tokens of ref (1, 1, C, h, w)."""
+    predict = lambda z, t, txt: forward_with_reference(tr, z, txt, t, torch.cat([ref, ref]))  # one per branch
+    return common.cogvideox_sample(predict, scheduler, text, uncond, latents, steps, cfg)
+
+
 @torch.no_grad()
 def generate(m, image, prompt, args, seed):
     """One video (F, 3, H, W) of the subject in `image` (3, H, W) following `prompt`."""
     tr, vae, dev = m["transformer"], m["vae"], m["cls"].device
     text, uncond = (text_embeds(m, [x], args.max_text_len) for x in (prompt, args.negative_prompt))
     ref = common.cogvideox_encode(vae, image[None, None].to(dev))
-    predict = lambda z, t, txt: forward_with_reference(tr, z, txt, t, torch.cat([ref, ref]))  # both branches see it
     noise = common.cogvideox_noise(tr, vae, 1, args.frames, args.height, args.width, seed)
-    z = common.cogvideox_sample(predict, m["scheduler"], text, uncond, noise.to(dev), args.steps, args.cfg)
+    z = sample(tr, m["scheduler"], text, uncond, ref, noise.to(dev), args.steps, args.cfg)
     return common.cogvideox_decode(vae, z)[0].cpu().clamp(-1, 1)
 
 
