@@ -573,8 +573,7 @@ def preview_ref(args, data, pools):
         first = torch.cat(pools["image"][::-1])[:1]  # pools: {kind: (training indices, validation indices)}
         refs, _, prompts = data.pair_batch(first, torch.Generator().manual_seed(args.seed))
         return refs[0], prompts[0]
-    c = toyworld.HELDOUT_SUBJECTS[0]  # rendered as heldout_eval renders it (render's default generator: its seed 0)
-    return toyworld.render([dict(c, motion="still")], frames=1)[0, 0], toyworld.cls_prompt(dict(c, background="gray"))
+    return toyworld.heldout_case(0)
 
 
 # -----------------------------------------------------------------------------

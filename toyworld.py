@@ -928,14 +928,21 @@ HELDOUT_SUBJECTS = [dict(colour="yellow", shape="star", pattern="dotted", backgr
                     dict(colour="blue", shape="star", pattern="striped", background="black", motion="circle")]
 
 
+def heldout_case(i):
+    """Held-out sprite i as heldout_eval poses it: its reference image (its own scene, (3, H, W)) and the prompt of
+    a video of it on a gray background."""
+    c = HELDOUT_SUBJECTS[i]
+    ref = render([dict(c, motion="still")], torch.Generator().manual_seed(i), frames=1)[0, 0]
+    return ref, cls_prompt(dict(c, background="gray"))
+
+
 def heldout_eval(generate, seed):
     """generate(reference (3, H, W), prompt, seed) -> video, for each held-out sprite from a reference image (its own
     scene) to a video on a gray background; identity = factor match against the reference's recognised factors;
     dynamics = mean sprite speed; motion = against the prompt's motion. -> (mean metrics, first video, grid)."""
     rows, videos, refs = [], [], []
     for i, c in enumerate(HELDOUT_SUBJECTS):
-        ref = render([dict(c, motion="still")], torch.Generator().manual_seed(i), frames=1)[0, 0]
-        prompt = cls_prompt(dict(c, background="gray"))
+        ref, prompt = heldout_case(i)
         video = generate(ref, prompt, seed + i)
         traj = centroids(segment(video)[1])
         template = trajectory(c["motion"], 1, torch.Generator().manual_seed(0))[0]  # the prompt's motion
