@@ -699,7 +699,7 @@ def plan(args, data, batches):
 
 ABLATIONS = {"base (no training)": ["--iterations", "0"], "p 0.2": [], "p 0 (image only)": ["--p", "0"],
              "p 0.4": ["--p", "0.4"], "two-stage": ["--two-stage"], "no random frame": ["--no-random-frame"],
-             "p_drop 0": ["--p-drop", "0"], "t2v motion step": ["--t2v"]}
+             "p_drop 0": ["--p-drop", "0"], "t2v motion step": ["--t2v"], "pcgrad 4": ["--pcgrad", "4"]}
 
 
 def main(argv=None):
