@@ -1,9 +1,9 @@
 """JointTuner: appearance-motion adaptive joint training for customized video generation, on ZeroScope (3D UNet).
 
 One set of Adaptive LoRAs (a LoRA whose output is scaled by a learned, input-dependent gate) sits in the spatial
-and the temporal transformers of a frozen 3D UNet and learns the subject and the motion at the same time: training
-steps alternate between the subject photos, repeated into still pseudo-videos and trained on one random frame
-(One-Frame Spatial loss), and the reference video, trained with the Appearance-independent Temporal loss, whose
+and the temporal transformers of a frozen 3D UNet and learns the subject and the motion at the same time: each
+training epoch runs the subject photos, repeated into still pseudo-videos and trained on one random frame
+(One-Frame Spatial loss), then the reference video, trained with the Appearance-independent Temporal loss, whose
 target is the noise plus a frame-wise offset noise (one spatial noise map shared by all frames), so that the
 adapters learn how things move rather than what the reference video looks like. Sampling is plain DDIM.
 
@@ -116,10 +116,10 @@ def parse_args(argv=None):
     return args
 
 
-# the toy world: 9 frames of 32x32 in its VAE's latent space, its pretrained tiny UNet3D, fewer sampling steps,
-# a larger batch and lr; 800 iterations (400 image + 400 video) take ~0.2 s each on one CPU core
-TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, lr=1e-3, batch=4, iterations=800, steps=20,
-           cfg=4.0, num_samples=4)
+# the toy world: 9 frames of 32x32 in its VAE's latent space, its pretrained tiny UNet3D, fewer sampling steps and
+# a larger lr; the paper's 2000 iterations at the code's batch 1 (epochs of 4 photo steps, then 1 clip step)
+TOY = dict(height=32, width=32, frames=9, fps=4, max_text_len=16, lr=1e-3, iterations=2000, steps=20, cfg=4.0,
+           num_samples=4)
 
 
 # -----------------------------------------------------------------------------
@@ -462,11 +462,15 @@ def generate(m, text, args, n):
 # training: Algorithm 1 (joint, alternating) or Algorithm 2 (--two-stage)
 
 
-def is_image_step(step, iterations, two_stage):
-    """Joint training alternates image and video batches (sec. 3.2 'alternately optimizes'; the code walks a fixed
-    concatenated order); --two-stage runs the same number of each, images first (Algorithm 2). Its stage I keeps the
-    OFS loss (Algorithm 2 writes the whole-clip eq. 3, but Table 3 removes only the joint training)."""
-    return step < (iterations + 1) // 2 if two_stage else step % 2 == 0
+def is_image_step(step, n_image, n_video, iterations, two_stage):
+    """Algorithm 1 walks one data loader over the photos, then the clips: the code's loader is a ConcatDataset of
+    [photos, clips], not shuffled, so each epoch is n_image image batches then n_video video batches (4 photos and
+    1 clip at batch 1: 4:1; the paper's 'alternately optimizes' names no ratio). --two-stage runs the same number of
+    each, images first (Algorithm 2). Its stage I keeps the OFS loss (Algorithm 2 writes the whole-clip eq. 3, but
+    Table 3 removes only the joint training)."""
+    if two_stage:
+        return step < (iterations + 1) // 2
+    return step % (n_image + n_video) < n_image
 
 
 def train(unet, alphas_cumprod, adapters, lat, text, args, state, out, preview=None):
@@ -480,13 +484,14 @@ def train(unet, alphas_cumprod, adapters, lat, text, args, state, out, preview=N
     if state.get("opt"):  # resuming: the same batches and noise as an uninterrupted run
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
+    n_image, n_video = (-(-n // args.batch) for n in (lat["image"].shape[1], len(lat["video"])))  # one epoch
     stage_two = [a for a in adapters.values() if a.kind == "spatial"] if args.two_stage and args.separate_lora else []
     log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
     unet.train()  # LoRA dropout on; the frozen UNet itself has no dropout
     bar = tqdm(range(state.get("step", 0), args.iterations), desc="two-stage" if args.two_stage else "joint",
                disable=None)
     for step in bar:
-        image = is_image_step(step, args.iterations, args.two_stage)
+        image = is_image_step(step, n_image, n_video, args.iterations, args.two_stage)
         if image:
             idx = torch.randint(lat["image"].shape[1], (args.batch,), generator=gen)
             flip = (torch.rand(args.batch, generator=gen) < args.hflip).long()
@@ -556,8 +561,9 @@ def plan(args, prompts, images, clips):
              f"motion: {len(clips)} clip(s) from {args.motion}, each resampled to {args.frames} frames and resized/"
              f"cropped to {args.height}x{args.width}, prompt {prompts['motion']!r}, AiT loss lambda "
              f"{args.ait_lambda}, offset noise {args.offset_noise}",
-             f"training: {args.iterations} iterations, " + ("all image batches, then all video batches" if
-                                                             args.two_stage else "image and video batches alternating")
+             f"training: {args.iterations} iterations, " + (
+                 "all image batches, then all video batches" if args.two_stage else
+                 f"epochs of {-(-len(images) // args.batch)} image then {-(-len(clips) // args.batch)} video batch(es)")
              + f", batch {args.batch}, AdamW lr {args.lr} wd {args.weight_decay}",
              f"sample: {prompts['sample']!r}, {args.frames} frames at {args.height}x{args.width}, DDIM {args.steps} "
              f"steps, cfg {args.cfg}",

@@ -227,9 +227,9 @@ def _train_calls(tmp_path, flags, iterations):
     return calls, changed, ad
 
 
-def test_joint_training_alternates_and_updates_one_shared_set(tmp_path):
-    calls, changed, ad = _train_calls(tmp_path, [], 4)
-    assert calls == [(1, True), (9, True), (1, True), (9, True)]
+def test_joint_training_runs_epochs_of_photos_then_clips_and_updates_one_shared_set(tmp_path):
+    calls, changed, ad = _train_calls(tmp_path, [], 5)           # 3 photos, 1 clip, batch 1: the code's loader
+    assert calls == [(1, True), (1, True), (1, True), (9, True), (1, True)]
     assert changed == {"spatial", "temporal"}
     _, changed, _ = _train_calls(tmp_path, [], 1)                 # one image step reaches the temporal set too
     assert changed == {"spatial", "temporal"}
@@ -238,16 +238,17 @@ def test_joint_training_alternates_and_updates_one_shared_set(tmp_path):
 def test_separate_lora_trains_spatial_on_images_and_temporal_on_videos(tmp_path):
     _, changed, _ = _train_calls(tmp_path, ["--separate-lora"], 1)
     assert changed == {"spatial"}
-    calls, changed, ad = _train_calls(tmp_path, ["--separate-lora"], 2)
-    assert calls == [(1, True), (9, True)] and changed == {"spatial", "temporal"}  # joint: kappa sees delta
+    calls, changed, ad = _train_calls(tmp_path, ["--separate-lora"], 4)
+    assert calls == [(1, True)] * 3 + [(9, True)] and changed == {"spatial", "temporal"}  # joint: kappa sees delta
     groups = jt.trainable(ad, True)
     assert {id(p) for p in groups["image"]} == {id(p) for a in ad.values() if a.kind == "spatial"
                                                 for p in (a.lora_A.weight, a.lora_B.weight, a.gate.weight)}
 
 
 def test_two_stage_runs_images_first_and_algorithm_2_without_the_spatial_set(tmp_path):
-    assert [jt.is_image_step(s, 5, True) for s in range(5)] == [True, True, True, False, False]
-    assert [jt.is_image_step(s, 5, False) for s in range(5)] == [True, False, True, False, True]
+    assert [jt.is_image_step(s, 4, 1, 5, True) for s in range(5)] == [True, True, True, False, False]
+    assert [jt.is_image_step(s, 4, 1, 10, False) for s in range(10)] == ([True] * 4 + [False]) * 2
+    assert [jt.is_image_step(s, 1, 1, 4, False) for s in range(4)] == [True, False, True, False]
     calls, _, ad = _train_calls(tmp_path, ["--two-stage"], 4)
     assert calls == [(1, True), (1, True), (9, True), (9, True)]  # one shared set: nothing to switch off
     calls, _, ad = _train_calls(tmp_path, ["--two-stage", "--separate-lora"], 4)
@@ -304,7 +305,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         fn = getattr(jt, name)
         monkeypatch.setattr(jt, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
     jt.main(args + ["--out", str(tmp_path / "b"), "--resume"])
-    assert calls == ["ait_loss", "ofs_loss", "ait_loss"]          # steps 1, 2, 3: not from the start
+    assert calls == ["ofs_loss", "ait_loss", "ofs_loss"]          # steps 1, 2, 3 (epochs: 2 photo, 1 clip step)
     import safetensors.torch as st
     a = st.load_file(tmp_path / "a" / "adapters.safetensors")
     b = st.load_file(tmp_path / "b" / "adapters.safetensors")
