@@ -9,7 +9,7 @@ adapters learn how things move rather than what the reference video looks like. 
 
     # a real run (`python bench.py --estimate`: ~16 GB with --grad-ckpt, ~36 GB without; the paper reports 17 GB;
     # weights from the hub cache or local folders, nothing is downloaded here)
-    python jointtuner.py --subject photos/ --motion flute.mp4 --prompt "a sks dog playing the flute in the snow"
+    python jointtuner.py --subject photos/ --motion flute.mp4 --prompt "a dog playing the flute in the snow"
     # the toy world on a CPU in minutes (toy 3D UNet, bundled toy subject and motion)
     python jointtuner.py --model toy
     python jointtuner.py --model toy --sample-only          # reuse the adapters saved in --out
@@ -47,12 +47,13 @@ def parse_args(argv=None):
     p.add_argument("--class-word", help="the subject's class (default: SUBJECT/prompt.txt, else 'object')")
     p.add_argument("--motion-caption", help="the motion video's caption, e.g. 'a person playing the flute' "
                                             "(default: the .txt beside the video or caption.txt in its folder)")
-    p.add_argument("--prompt", help="sampling prompt, the subject doing the motion, e.g. 'a sks dog playing the "
-                                    "flute in the snow' (needed for real models; toy: 'a sks star' + the caption's "
+    p.add_argument("--prompt", help="sampling prompt, the subject doing the motion, e.g. 'a dog playing the "
+                                    "flute in the snow' (needed for real models; toy: 'a star' + the caption's "
                                     "motion and background)")
     p.add_argument("--negative-prompt", default="", help="unconditional prompt of guidance (the paper does not "
                                                          "say; the official script passes a list of defects)")
-    p.add_argument("--placeholder", default="sks", help="the subject's identifier word ('' for none, as the code)")
+    p.add_argument("--placeholder", default="", help="an identifier word for the subject, e.g. sks (default none: the "
+                                                     "paper names none and the code captions 'A bear plushie.')")
     p.add_argument("--height", type=int, default=384, help="training and sampling height (code: 384x384)")
     p.add_argument("--width", type=int, default=384)
     p.add_argument("--frames", type=int, default=16, help="N: frames of every training clip and of the result "

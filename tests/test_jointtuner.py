@@ -342,7 +342,8 @@ def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
     short = tmp_path / "short"
     common.write_frames(short, tw.motion_clip()[:5])
     assert "has 5 frames, 9 are needed" in error_line(jt, toy + ["--motion", str(short)], capsys)
-    assert "does not contain the placeholder" in error_line(jt, toy + ["--prompt", "a star moving left"], capsys)
+    sks = toy + ["--placeholder", "sks"]
+    assert "does not contain the placeholder" in error_line(jt, sks + ["--prompt", "a star moving"], capsys)
     real = ["--subject", str(subj), "--motion", str(mot), "--frames", "9", "--model", str(tmp_path / "no")]
     assert "--prompt is needed for a real model" in error_line(jt, real, capsys)
     real += ["--prompt", "a sks star moving in a zigzag"]
@@ -353,7 +354,7 @@ def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "result.mp4").write_bytes(b"earlier")
-    error_line(jt, toy + ["--prompt", "no placeholder", "--out", str(out)], capsys)
+    error_line(jt, toy + ["--placeholder", "sks", "--prompt", "no placeholder", "--out", str(out)], capsys)
     assert (out / "result.mp4").read_bytes() == b"earlier" and len(list(out.iterdir())) == 1
 
 
@@ -374,18 +375,19 @@ def test_a_folder_of_clips_of_other_sizes_and_lengths_is_resampled(tmp_path, cap
 def test_dry_run_loads_nothing(tmp_path, capsys):
     assert jt.main(["--model", "toy", "--dry-run", "--out", str(tmp_path)]) is None
     out = capsys.readouterr().out
-    assert "a sks star moving in a zigzag" in out and "DDIM 20 steps" in out and "Loading" not in out
+    assert "'a star moving in a zigzag" in out and "DDIM 20 steps" in out and "Loading" not in out
 
 
 def test_the_bundled_task_is_prompted_as_the_paper_does():
-    """The photos under 'a sks star' (code: 'A bear plushie.'), the video under its own caption, the whole clip (supp.
-    B.2: BLIP-2's), and the sampling prompt, the subject doing the motion in a setting (supp. B.1), which the paper
-    writes by hand and the toy world writes from its words."""
+    """The photos under 'a star' (code: 'A bear plushie.', no identifier), the video under its own caption, the
+    whole clip (supp. B.2: BLIP-2's), and the sampling prompt, the subject doing the motion in a setting (supp.
+    B.1), which the paper writes by hand and the toy world writes from its words."""
     _, _, prompts, _ = jt.read_inputs(jt.parse_args(["--model", "toy"]))
-    assert prompts == dict(subject="a sks star", motion="a blue striped square moving in a zigzag on a gray background",
-                           sample="a sks star moving in a zigzag on a gray background")
-    _, _, prompts, _ = jt.read_inputs(jt.parse_args(["--model", "toy", "--placeholder", ""]))
-    assert prompts["subject"] == "a star" and prompts["sample"] == "a star moving in a zigzag on a gray background"
+    assert prompts == dict(subject="a star", motion="a blue striped square moving in a zigzag on a gray background",
+                           sample="a star moving in a zigzag on a gray background")
+    _, _, prompts, _ = jt.read_inputs(jt.parse_args(["--model", "toy", "--placeholder", "sks"]))
+    assert prompts["subject"] == "a sks star"
+    assert prompts["sample"] == "a sks star moving in a zigzag on a gray background"
 
 
 def test_the_real_loading_path_at_tiny_size(tmp_path):
@@ -504,7 +506,8 @@ BAD_FLAGS = {  # flags -> the words the one-line error must hold
     "empty motion caption": (["--motion-caption", ""], "--motion-caption is empty"),
     "blank placeholder": (["--placeholder", " "], "--placeholder ' ' must be one word"),
     "two-word placeholder": (["--placeholder", "s k"], "--placeholder 's k' must be one word"),
-    "prompt without placeholder": (["--prompt", "a star moving"], "does not contain the placeholder"),
+    "prompt without placeholder": (["--placeholder", "sks", "--prompt", "a star moving"],
+                                   "does not contain the placeholder"),
     "toy caption without motion words": (["--motion-caption", "a blue square"], "names no toy motion and background"),
 }
 
