@@ -15,6 +15,7 @@ a one-frame video) teaches identity transfer. Guidance is on the text only: both
     python dual_task_sdv.py --model toy
     python dual_task_sdv.py --model toy --p 0 --out out/dual_task_sdv_p0   # image-only (the paper: videos freeze)
     python dual_task_sdv.py --model toy --sample-only   # sample the held-out sprites again with the LoRA in --out
+    python dual_task_sdv.py sample --model toy --image ref.png --prompt "a <cls> moving left on a white background"
 
 Training writes pytorch_lora_weights.safetensors (the diffusers LoRA format: CogVideoXPipeline's load_lora_weights
 loads it) and cls_embedding.safetensors (the trained input row of <cls>) into --out; with --grad-every also
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=720)
     p.add_argument("--frames", type=int, default=49, help="frames of the videos and of the result (4k+1)")
     # sample
-    p.add_argument("--ckpt", help="sample mode: the --out folder of a training run")
+    p.add_argument("--ckpt", help="sample mode: the --out folder of a training run (toy: assets/toy_dual_task_sdv)")
     p.add_argument("--image", help="sample mode: the reference image of the subject")
     p.add_argument("--prompt", help="sample mode: the prompt, with <cls> before the subject noun")
     p.add_argument("--negative-prompt", default="", help="unconditional prompt of guidance")
@@ -120,7 +121,9 @@ def parse_args(argv=None):
     p.add_argument("--ablation-seeds", type=int, default=1, help="seeds for the other --ablate variants (0: none)")
     args = p.parse_args(argv)
     args.mode = "sample" if args.sample_only else mode or ("toy" if args.model == "toy" else "train")
-    args.ckpt = args.ckpt or (args.out if args.sample_only else None)
+    # sample mode's --ckpt: --sample-only's own --out, else (toy) the shipped run of the full method in assets/
+    toy_ckpt = str(toyworld.ASSETS / "toy_dual_task_sdv") if args.model == "toy" and args.mode == "sample" else None
+    args.ckpt = args.ckpt or (args.out if args.sample_only else toy_ckpt)
     if args.model == "toy":
         args.subject = args.motion = None  # apply_toy_preset fills the bundled subject/motion (unused here)
         toyworld.apply_preset(args, p, argv, TOY)

@@ -217,6 +217,20 @@ def test_toy_run_trains_saves_and_samples_and_sample_mode_reloads(tmp_path):
     assert (tmp_path / "two" / "result_grid.mp4").is_file()
 
 
+def test_the_shipped_toy_checkpoint_samples_the_held_out_sprites_as_when_it_was_trained(tmp_path):
+    """assets/toy_dual_task_sdv: the full method's toy run (`--seed 0 --grad-every 100`), the sample mode's --ckpt
+    for --model toy; sampled again it gives the metrics.json its training run wrote (a file under 10 MB)."""
+    shipped = tw.ASSETS / "toy_dual_task_sdv"
+    assert sum(f.stat().st_size for f in shipped.iterdir()) < 10e6
+    metrics = dts.main(["sample", "--model", "toy", "--out", str(tmp_path / "again")])
+    assert metrics == pytest.approx(json.loads((shipped / "metrics.json").read_text()), abs=0.02)
+    common.write_frames(tmp_path / "ref", tw.heldout_case(0)[0][None])
+    img = sorted((tmp_path / "ref").iterdir())[0]
+    dts.main(["sample", "--model", "toy", "--image", str(img), "--prompt", "a <cls> moving left on a white background",
+              "--steps", "2", "--out", str(tmp_path / "one")])
+    assert (tmp_path / "one" / "result.mp4").is_file()
+
+
 def test_samples_are_written_during_training_without_changing_it(tmp_path, monkeypatch):
     """--sample-every k: out/samples/step_k.mp4 of the first held-out sprite at seed --seed (the last one is toy_eval's
     first video); LoRA and <cls> are those of a run without previews, with LoRA dropout on and a sampler drawing from
