@@ -454,13 +454,15 @@ class StepLog:
             self.path.unlink(missing_ok=True)
 
     def __call__(self, step, bar=None, **values):
-        values = {k: float(v) for k, v in values.items()}
+        """values: numbers, or lists of numbers (e.g. one per group of layers)."""
+        values = {k: [float(x) for x in v] if isinstance(v, (list, tuple)) else float(v) for k, v in values.items()}
+        text = {k: " ".join(f"{x:.3g}" for x in v) if isinstance(v, list) else f"{v:.4g}" for k, v in values.items()}
         if bar is not None:
-            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
+            bar.set_postfix(text)
         if step % self.every == 0:
             ms = (time.time() - self.t0) * 1000 / self.every
             self.t0 = time.time()
-            line = f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()) + f", time {ms:.0f}ms"
+            line = f"step {step}: " + ", ".join(f"{k} {v}" for k, v in text.items()) + f", time {ms:.0f}ms"
             (bar.write if bar is not None else print)(line)
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")

@@ -211,16 +211,24 @@ def image_embeds(encoder, processor, images):
     return encoder(pixel_values=x.to(encoder.device, encoder.dtype)).image_embeds.float()
 
 
+def condition_frames(videos, seed):
+    """The frames (M, 3, H, W) whose embeddings are the clips' c: one random frame of each clip, drawn independently
+    per clip and once per run (code)."""
+    frame = torch.randint(videos.shape[1], (len(videos),), generator=torch.Generator().manual_seed(seed))
+    return videos[torch.arange(len(videos)), frame]
+
+
 class Adapter(nn.Module):
-    """down (dim -> r) -> GELU -> up (r -> dim) on the block's normalised tokens; a motion adapter adds W_cond c to
-    its input first (W_cond has no bias, so c = 0 adds nothing). `up` starts at zero: the pretrained model is exactly
+    """down (dim -> r) -> GELU -> up (r -> dim) on the block's normalised tokens; a motion adapter adds W_cond c + b
+    to its input first, when it is given a c (code: identity steps give none, so W_cond is skipped). `up` starts at
+    zero: the pretrained model is exactly
     preserved at step 0. The official adapter returns x + up(...), an internal skip that changes the model at
     initialisation (the sub-layer output gets alpha x added); we leave it out."""
 
     def __init__(self, dim, rank, cond_dim=None):
         super().__init__()
         self.down, self.up = nn.Linear(dim, rank), nn.Linear(rank, dim)
-        self.cond = nn.Linear(cond_dim, dim, bias=False) if cond_dim else None
+        self.cond = nn.Linear(cond_dim, dim) if cond_dim else None
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -339,7 +347,7 @@ def trainable(dr, controller=True):
 
 # adapters.safetensors: DualReal's state dict, all fp32, block i = 0..L-1, kind = attn | ff:
 #   identity.<kind>.<i>.down.weight (r, dim), .down.bias (r), .up.weight (dim, r), .up.bias (dim)
-#   motion.<kind>.<i>.down.*, .up.* (the same) and motion.<kind>.<i>.cond.weight (dim, cond_dim)   (W_cond)
+#   motion.<kind>.<i>.down.*, .up.* (the same) and motion.<kind>.<i>.cond.weight (dim, cond_dim), .bias   (W_cond)
 #   controller.encode.weight (T, dim), .bias; controller.norm.weight (T), .bias; controller.modulation.1.weight
 #   (3T, T), .bias; controller.fuse.0.weight (4T, T), .bias; controller.fuse.2.weight (T, 4T), .bias;
 #   controller.mlp.1.weight (128, T), .bias; controller.mlp.3.weight (groups, 128), .bias
@@ -456,8 +464,9 @@ def train(transformer, dr, alphas_cumprod, lat, text, cond, args, state, out, pr
         key, b = ("motion", args.motion_batch) if motion else ("identity", args.identity_batch)
         idx = torch.randperm(len(lat[key]), generator=gen)[:b]  # distinct items, as a shuffled loader's batch
         b = len(idx)
-        dr.c = cond[idx] if motion else torch.zeros(b, cond.shape[1], device=cond.device)  # identity: c = 0
+        dr.c = cond[idx] if motion else None  # identity steps: no condition (code)
         loss = v_loss(transformer, lat[key][idx], text[key].expand(b, -1, -1), alphas_cumprod, gen)
+        last[f"alpha_{key}"] = dr.weights[0].detach().mean(0).tolist()  # the controller's choice, per group
         common.check_finite(loss, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # both kinds act in the forward, so both get gradients
@@ -467,7 +476,7 @@ def train(transformer, dr, alphas_cumprod, lat, text, cond, args, state, out, pr
         torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], args.grad_clip)
         opt.step()
         lr_sched.step()
-        last[key] = loss.item()  # the latest loss of each kind, one line per interval
+        last[key] = loss.item()  # the latest loss and alphas of each kind, one line per interval
         log(step + 1, bar, **last, lr=lr_sched.get_last_lr()[0])
         if (step + 1) % args.save_every == 0 and step + 1 < args.iterations:
             save_state(out, dr, step + 1, opt, lr_sched, gen)
@@ -551,8 +560,7 @@ def main(argv=None):
     # prompts, image conditions and latents once; then the encoders are freed
     text = {k: common.encode_prompts(m["tokenizer"], m["text_encoder"], [q], args.max_text_len).to(device)
             for k, q in dict(prompts, identity=prompts["subject"], negative=args.negative_prompt).items()}
-    frame = int(torch.randint(args.frames, (1,), generator=torch.Generator().manual_seed(args.seed)))  # picked once
-    cond = image_embeds(m["image_encoder"], m["image_processor"], videos[:, frame]).to(device)  # (M, D): each clip's c
+    cond = image_embeds(m["image_encoder"], m["image_processor"], condition_frames(videos, args.seed)).to(device)
     c_subject = image_embeds(m["image_encoder"], m["image_processor"], images[:1]).to(device)  # inference: the photo
     del m["text_encoder"], m["image_encoder"]
     transformer = m["transformer"]
@@ -574,7 +582,12 @@ def main(argv=None):
         train(transformer, dr, m["scheduler"].alphas_cumprod, lat, text, cond, args, state, out, preview)
         save_adapters(dr, out / "adapters.safetensors", args)
 
+    alphas = []  # the controller's alpha per group at each sampling step (mean over the guidance batch)
+    hook = dr.controller.register_forward_hook(lambda mod, inputs, out: alphas.append(out[0].mean(0).tolist()))
     video = generate(m, dr, text, c_subject, args, args.num_samples)
+    hook.remove()
+    if alphas:  # --no-controller: fixed s/2, never computed
+        (out / "alpha_sample.json").write_text(json.dumps(alphas))
     return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps,
                                evaluate=toyworld.evaluate if args.model == "toy" else None)
 

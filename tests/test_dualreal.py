@@ -45,7 +45,8 @@ def test_at_initialisation_the_adapted_model_is_exactly_the_base_model():
 
 def test_controller_gives_one_tenth_each_at_init_and_always_sums_to_s():
     ctrl = dr_mod.StageBlender(64, 32, 7, 128, 0.2)
-    temb, pooled = torch.randn(5, 32), torch.randn(5, 64)
+    g = torch.Generator().manual_seed(0)  # inputs that do not depend on the tests run before
+    temb, pooled = torch.randn(5, 32, generator=g), torch.randn(5, 64, generator=g)
     alpha, beta = ctrl(temb, pooled)
     assert alpha.shape == (5, 7) and torch.equal(alpha, torch.full((5, 7), 0.1)) and torch.equal(beta, alpha)
     torch.manual_seed(0)
@@ -141,6 +142,21 @@ def test_dual_aware_steps_leave_the_other_kind_bitwise_unchanged(tmp_path, monke
                      {"motion", "controller"}, {"identity", "controller"}]
 
 
+def test_identity_steps_give_the_motion_adapters_no_condition(tmp_path, monkeypatch):
+    """The official code skips W_cond (which has a bias) on identity steps; a motion step adds W_cond c + b."""
+    given, forward = [], dr_mod.Adapter.forward
+
+    def record(self, x, c=None):  # whether each motion adapter got a condition
+        if self.cond is not None:
+            given.append(c is not None)
+        return forward(self, x, c)
+    monkeypatch.setattr(dr_mod.Adapter, "forward", record)
+    kinds = [False, True]
+    _snapshots(tmp_path, monkeypatch, kinds)
+    half = len(given) // 2  # one forward per step, the same motion adapters in each
+    assert given and given == [False] * half + [True] * half
+
+
 def test_without_dual_aware_both_kinds_learn_every_step(tmp_path, monkeypatch):
     moved = _snapshots(tmp_path, monkeypatch, [True, False, True], ["--no-dual-aware"])
     assert moved == [{"identity", "motion", "controller"}] * 3
@@ -209,10 +225,16 @@ def test_toy_end_to_end_writes_everything_and_sample_only_reuses_it(tmp_path):
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4]
     import safetensors.torch as st
     sd = st.load_file(out / "adapters.safetensors")
-    assert len(sd) == 4 * 2 * 4 + 4 * 2 * 5 + 14  # adapters, motion adapters with W_cond, the controller's 7 layers
+    assert len(sd) == 4 * 2 * 4 + 4 * 2 * 6 + 14  # adapters, motion adapters with W_cond, the controller's 7 layers
     assert sd["motion.ff.3.cond.weight"].shape == (64, 32) and sd["identity.attn.0.down.weight"].shape == (64, 64)
     assert sd["controller.mlp.3.weight"].shape == (4, 128)
     assert any(v.abs().sum() > 0 for k, v in sd.items() if ".up." in k)  # it trained
+    # what the controller chose: alpha per group, the latest of each step kind, and at every sampling step
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    kinds = {k for line in log for k in ("alpha_identity", "alpha_motion") if k in line}
+    assert kinds and all(len(line[k]) == 4 and all(0 < a < 0.2 for a in line[k]) for line in log for k in kinds)
+    alphas = json.loads((out / "alpha_sample.json").read_text())
+    assert len(alphas) == 3 and all(len(a) == 4 for a in alphas)  # 3 steps, guidance batched: one call each
     again = dr_mod.main(FAST + ["--out", str(out), "--sample-only"])
     assert again == metrics                                       # same adapters, same seed: the same clip
 
@@ -360,6 +382,7 @@ def test_ablate_runs_every_variant_and_writes_the_table(tmp_path, monkeypatch, c
 def test_one_clip_is_one_motion_sample_and_batches_never_repeat_an_item(tmp_path, monkeypatch):
     """The official loader yields each clip once per batch: one reference clip is a motion batch of 1, not 3."""
     model, _, dr = _model()
+    dr.weights = (torch.full((1, 7), 0.1),) * 2  # (alpha, beta), which no forward sets: v_loss is stubbed
     args = dr_mod.parse_args(["--model", "toy", "--iterations", "6", "--warmup", "0", "--log-every", "1000"])
     seen = []
     monkeypatch.setattr(dr_mod, "v_loss", lambda tr, z0, *a: seen.append(z0) or sum(p.sum() for p in dr.parameters()) * 0)
@@ -377,6 +400,14 @@ def test_one_clip_is_one_motion_sample_and_batches_never_repeat_an_item(tmp_path
                  motion=torch.randn(1, 16, 32)), torch.randn(4, 32), args, {}, tmp_path)
     for z in seen:  # 3 distinct clips each step
         assert len(z) == 3 and len({tuple(x.flatten()[:4].tolist()) for x in z}) == 3
+
+
+def test_each_clip_gets_its_own_random_frame_for_c_drawn_once():
+    videos = torch.arange(8.0)[:, None, None, None, None] + torch.arange(9.0)[None, :, None, None, None] / 10
+    frames = dr_mod.condition_frames(videos.expand(8, 9, 3, 4, 4), 0)
+    picked = [round(float(f.mean()) % 1 * 10) for f in frames]  # clip k frame i holds k + i / 10
+    assert [int(f.mean()) for f in frames] == list(range(8)) and len(set(picked)) > 1
+    assert torch.equal(frames, dr_mod.condition_frames(videos.expand(8, 9, 3, 4, 4), 0))
 
 
 def test_motion_frames_are_consecutive_as_the_official_loader(tmp_path):
