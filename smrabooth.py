@@ -4,8 +4,9 @@ Two LoRAs are trained separately on a frozen Wan2.1 transformer. The subject LoR
 masked flow-matching loss plus SuRA: the hidden states after the first block, through a small MLP, are pulled
 toward the frozen DINOv2 patch features of the photo. The motion LoRA learns a reference video with the
 flow-matching loss plus MoRA: the one-step clean estimate is decoded and its optical flow is pulled toward the
-reference video's flow. At inference both LoRAs are injected sparsely: the subject LoRA only in Q, K and FFN.0,
-the motion LoRA only in V, O, FFN.0 and FFN.2, and the subject LoRA at half strength for the first 30% of steps.
+reference video's flow. Each LoRA lives sparsely, in the layers it is injected in at inference: the subject LoRA
+only in Q, K and FFN.0, the motion LoRA only in V, O, FFN.0 and FFN.2; the subject LoRA acts at half strength for
+the first 30% of the sampling steps.
 
     # a real run (a large GPU: `python bench.py --estimate` puts the motion stage with MoRA at ~88 GB with --grad-ckpt,
     # most of it the VAE decode: see --mora-ckpt, --mora-window; weights from the hub cache or local folders)
@@ -87,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--subject-late-scale", type=float, default=1.0, help="subject LoRA scale from T_point on")
     p.add_argument("--motion-scale", type=float, default=1.0)
     p.add_argument("--subject-layers", nargs="+", default=["to_q", "to_k", "ffn.net.0.proj"],
-                   help="module-name endings the subject LoRA acts in at inference (sec. 3.4: Q, K, FFN.0)")
+                   help="module-name endings the subject LoRA is trained and acts in (sec. 3.4: Q, K, FFN.0)")
     p.add_argument("--motion-layers", nargs="+", default=["to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
                    help="the same for the motion LoRA (V, O, FFN.0, FFN.2); e.g. 'attn2.to_v' for one layer kind")
     p.add_argument("--self-attn-only", action="store_true", help="sparse injection only in attn1 (the paper does "
@@ -105,7 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--no-sura", action="store_true", help="stage 1 without L_SuRA")
     p.add_argument("--no-mora", action="store_true", help="stage 2 without L_MoRA")
     p.add_argument("--no-mask", action="store_true", help="region loss over the whole image")
-    p.add_argument("--inject", choices=["sparse", "all"], default="sparse", help="all = 'Combination 1'")
+    p.add_argument("--inject", choices=["sparse", "all"], default="sparse",
+                   help="all = 'Combination 1': both LoRAs trained and injected in every layer")
     p.add_argument("--subject-drop-ffn0", action="store_true", help="'Combination 2': no subject LoRA in FFN.0")
     p.add_argument("--motion-drop-ffn0", action="store_true", help="'Combination 3': no motion LoRA in FFN.0")
     # run
@@ -301,9 +303,12 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2
 
 
 def add_loras(transformer, args):
-    """Both LoRAs on every block linear (training always uses all of them; sparsity is an inference choice)."""
-    subject = common.add_lora(transformer, "subject", args.subject_rank, LORA_TARGETS)
-    motion = common.add_lora(transformer, "motion", args.motion_rank, LORA_TARGETS)
+    """Each LoRA only in the layers it is injected in (sec. 3.4 says where they are injected, not where they are
+    trained; the official training scripts train the subject LoRA in Q, K, FFN.0 and the motion LoRA in V, O,
+    FFN.0, FFN.2); --inject all ('Combination 1') trains and injects both in every block linear."""
+    every = args.inject == "all"
+    subject = common.add_lora(transformer, "subject", args.subject_rank, LORA_TARGETS if every else args.subject_layers)
+    motion = common.add_lora(transformer, "motion", args.motion_rank, LORA_TARGETS if every else args.motion_layers)
     return subject, motion
 
 
@@ -649,12 +654,13 @@ def plan(args, prompts, images, videos):
     print("\n".join(lines))
 
 
-# the paper's ablations as extra flags; "base" trains nothing (zero LoRAs = the pretrained backbone). The injection
-# and schedule ablations change only sampling, so (--sample-only) they reuse the full method's LoRAs of the same seed,
-# as the paper's injection and T_point experiments vary inference on one pair of trained LoRAs.
+# the paper's ablations as extra flags; "base" trains nothing (zero LoRAs = the pretrained backbone). Combination 1
+# trains both LoRAs in every layer (the official code's "-All" scripts); the other injection and the schedule
+# ablations change only sampling, so (--sample-only) they reuse the full method's LoRAs of the same seed, as the
+# paper's T_point experiments vary inference on one pair of trained LoRAs.
 ABLATIONS = {"base": ["--subject-steps", "0", "--motion-steps", "0"], "full": [], "no SuRA": ["--no-sura"],
              "no MoRA": ["--no-mora"], "no mask": ["--no-mask"],
-             "inject all (Comb. 1)": ["--sample-only", "--inject", "all"],
+             "inject all (Comb. 1)": ["--inject", "all"],
              "subject w/o FFN.0 (Comb. 2)": ["--sample-only", "--subject-drop-ffn0"],
              "motion w/o FFN.0 (Comb. 3)": ["--sample-only", "--motion-drop-ffn0"],
              "T_point 0": ["--sample-only", "--t-point", "0"], "T_point 0.8": ["--sample-only", "--t-point", "0.8"],

@@ -122,16 +122,21 @@ def test_injection_layers_and_steps():
     seen = []
     for i in range(10):
         sm.set_injection(layers, args, i, 10)
-        seen.append({n: (m.scaling["subject"], m.scaling["motion"]) for n, m in layers})
+        seen.append({n: (m.scaling.get("subject"), m.scaling.get("motion")) for n, m in layers})
     for i, scales in enumerate(seen):
         for n, (s, mo) in scales.items():
             subject_layer = n.endswith(("to_q", "to_k", "ffn.net.0.proj"))
             motion_layer = n.endswith(("to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"))
-            assert s == ((0.5 if i < 3 else 1.0) if subject_layer else 0.0), (i, n)
-            assert mo == (1.0 if motion_layer else 0.0), (i, n)
+            assert s == ((0.5 if i < 3 else 1.0) if subject_layer else None), (i, n)  # None: no such LoRA layer
+            assert mo == (1.0 if motion_layer else None), (i, n)
     assert any(".attn2." in n for n in seen[0]) and any(s[0] > 0 for n, s in seen[5].items() if ".attn2." in n)
     all_args = sm.parse_args(["--model", "toy", "--inject", "all", "--subject-drop-ffn0"])
+    model = tw.build_backbone("wan")  # Combination 1: both LoRAs trained and injected in every layer
+    sm.add_loras(model, all_args)
+    model.set_adapters(["subject", "motion"])
+    layers = common.lora_layers(model)
     sm.set_injection(layers, all_args, 9, 10)
+    assert {t for n, _ in layers for t in sm.LORA_TARGETS if n.endswith(t)} == set(sm.LORA_TARGETS)
     assert all(m.scaling["subject"] == 1.0 and m.scaling["motion"] == 1.0 for n, m in layers)
     drop = sm.parse_args(["--model", "toy", "--subject-drop-ffn0", "--self-attn-only"])
     sm.set_injection(layers, drop, 9, 10)
