@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import toyworld
 
 METHODS = ["smrabooth", "jointtuner", "dualreal", "dual_task_sdv"]
 
@@ -68,6 +69,8 @@ def test_every_docstring_command_runs_with_dry_run(name, tmp_path, monkeypatch, 
         args = method.parse_args(argv)  # a trained run where the command samples from one, for its --model
         for file in TRAINED[name]:
             q = Path(getattr(args, "ckpt", None) or args.out) / file
+            if q.is_relative_to(toyworld.ASSETS):  # the shipped toy run (dual_task_sdv's sample --model toy)
+                continue
             q.parent.mkdir(parents=True, exist_ok=True)
             save_file({"<cls>": torch.zeros(4)}, str(q), metadata=dict(method=name, model=args.model))
         before = {q: q.stat().st_mtime_ns for q in tmp_path.rglob("*")}
