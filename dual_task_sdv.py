@@ -15,7 +15,8 @@ a one-frame video) teaches identity transfer. Guidance is on the text only: both
     python dual_task_sdv.py --model toy
     python dual_task_sdv.py --model toy --p 0 --out out/dual_task_sdv_p0   # image-only (the paper: videos freeze)
     python dual_task_sdv.py --model toy --sample-only   # sample the held-out sprites again with the LoRA in --out
-    python dual_task_sdv.py sample --model toy --image ref.png --prompt "a <cls> moving left on a white background"
+    # the shipped toy run (assets/toy_dual_task_sdv) on any picture of a toy sprite, with any toy prompt
+    python dual_task_sdv.py sample --model toy --image assets/toy/subject/0.png --prompt "a <cls> moving left"
 
 Training writes pytorch_lora_weights.safetensors (the diffusers LoRA format: CogVideoXPipeline's load_lora_weights
 loads it) and cls_embedding.safetensors (the trained input row of <cls>) into --out; with --grad-every also

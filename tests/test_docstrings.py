@@ -45,6 +45,7 @@ def make_inputs(argv):
     if "--raft-weights" in new:
         torch.save(raft_large(weights=None).state_dict(), new["--raft-weights"])
     if "--image" in new:
+        new["--image"].parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (64, 64)).save(new["--image"])
     if "--pairs" in new:
         new["--pairs"].mkdir(parents=True)
