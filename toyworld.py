@@ -849,11 +849,13 @@ def run_ablations(main, argv, variants, args, method, note=""):
     markdown table of mean +- std over seeds. The first two variants are the base model and the full method and
     get args.seeds seeds, the others args.ablation_seeds (CPU time is short; 0 leaves them out). A variant whose
     flags hold --sample-only changes only sampling: it starts from a copy of the full method's run of the same
-    seed, so it reuses those trained adapters. The tables are the toy world's (its metrics need its renderer)."""
+    seed, so it reuses those trained adapters. --resume (a table that spans sessions) keeps every run that wrote its
+    metrics.json and continues a training that left a ckpt.pt. The tables are the toy world's (its metrics need
+    its renderer)."""
     if args.model != "toy":
         common.fail("--ablate runs the toy world's table: use it with --model toy")
     out, full = Path(args.out), slug(list(variants)[1])
-    rest, rows = [a for a in argv if a != "--ablate"], {}
+    rest, rows = [a for a in argv if a not in ("--ablate", "--resume")], {}
     for i, (name, flags) in enumerate(variants.items()):
         n = args.seeds if i < 2 else min(args.ablation_seeds, args.seeds)
         if "--dry-run" in argv:  # the plan: each variant's flags and runs; nothing is run, written or removed
@@ -863,10 +865,15 @@ def run_ablations(main, argv, variants, args, method, note=""):
             rows[name] = []
         for seed in range(n):
             run = out / "ablations" / slug(name) / f"seed{seed}"
-            shutil.rmtree(run, ignore_errors=True)  # each variant's run is made afresh
-            if "--sample-only" in flags:
-                shutil.copytree(out / "ablations" / full / f"seed{seed}", run)
-            rows[name].append(main(rest + flags + ["--seed", str(seed), "--out", str(run)]))
+            if args.resume and (run / "metrics.json").is_file():  # finished in an earlier session
+                rows[name].append(json.loads((run / "metrics.json").read_text()))
+            else:
+                again = args.resume and "--sample-only" not in flags and (run / "ckpt.pt").is_file()
+                if not again:
+                    shutil.rmtree(run, ignore_errors=True)  # each variant's run is made afresh
+                if "--sample-only" in flags:
+                    shutil.copytree(out / "ablations" / full / f"seed{seed}", run)
+                rows[name].append(main(rest + flags + ["--seed", str(seed), "--out", str(run)] + ["--resume"] * again))
             kept = Path("results") / method / slug(name) / f"seed{seed}" / "metrics.json"
             kept.parent.mkdir(parents=True, exist_ok=True)
             kept.write_text((run / "metrics.json").read_text())

@@ -337,11 +337,20 @@ def test_run_ablations_seeds_and_sample_only_reuse(tmp_path, monkeypatch):
         (out / "metrics.json").write_text(json.dumps(metrics))
         return metrics
 
-    args = argparse.Namespace(model="toy", seeds=3, ablation_seeds=1, out=str(tmp_path / "o"))
+    args = argparse.Namespace(model="toy", seeds=3, ablation_seeds=1, out=str(tmp_path / "o"), resume=False)
     variants = {"base": ["--x"], "full": [], "later": ["--sample-only", "--late"], "other": ["--x", "--y"]}
     rows = tw.run_ablations(fake_main, ["--model", "toy", "--ablate"], variants, args, "m")
     assert [len(rows[k]) for k in variants] == [3, 3, 1, 1]
     assert all("--ablate" not in a for a, _ in calls)
+    # --resume: finished runs are kept; a run that left a checkpoint and no metrics continues with --resume
+    run = tmp_path / "o" / "ablations" / "full" / "seed1"
+    (run / "metrics.json").unlink()
+    (run / "ckpt.pt").write_text("step 5")
+    calls.clear()
+    args.resume = True
+    again = tw.run_ablations(fake_main, ["--model", "toy", "--ablate", "--resume"], variants, args, "m")
+    assert again == rows and [(a[-1], seed) for a, seed in calls] == [("--resume", 1)] and (run / "ckpt.pt").is_file()
+    args.resume = False
     assert (tmp_path / "results" / "m" / "later" / "seed0" / "metrics.json").is_file()
     table = (tmp_path / "o" / "ablations" / "table.md").read_text()
     assert "| full | 3 | 1.000 +- 0.816 | 1.000 +- 0.000 |" in table and "| later | 1 | 0.000 | 1.000 |" in table
@@ -351,8 +360,8 @@ def test_run_ablations_seeds_and_sample_only_reuse(tmp_path, monkeypatch):
     assert tw.run_ablations(fake_main, ["--model", "toy", "--dry-run"], variants, args, "m") == {}
     assert sorted(str(q) for q in tmp_path.rglob("*")) == before  # a dry run runs, writes and removes nothing
     with pytest.raises(common.InputError, match="use it with --model toy"):
-        tw.run_ablations(fake_main, [], variants, argparse.Namespace(model="x", seeds=1, ablation_seeds=1, out="o"),
-                         "m")
+        tw.run_ablations(fake_main, [], variants, argparse.Namespace(model="x", seeds=1, ablation_seeds=1, out="o",
+                                                                     resume=False), "m")
 
 
 def test_toy_preset_keeps_every_flag_given_even_at_its_default():
