@@ -221,9 +221,8 @@ def condition_frames(videos, seed):
 class Adapter(nn.Module):
     """down (dim -> r) -> GELU -> up (r -> dim) on the block's normalised tokens; a motion adapter adds W_cond c + b
     to its input first, when it is given a c (code: identity steps give none, so W_cond is skipped). `up` starts at
-    zero: the pretrained model is exactly
-    preserved at step 0. The official adapter returns x + up(...), an internal skip that changes the model at
-    initialisation (the sub-layer output gets alpha x added); we leave it out."""
+    zero: the pretrained model is exactly preserved at step 0. The official adapter returns x + up(...), an internal
+    skip that changes the model at initialisation (the sub-layer output gets alpha x added); we leave it out."""
 
     def __init__(self, dim, rank, cond_dim=None):
         super().__init__()
@@ -386,7 +385,8 @@ def load_adapters(transformer, path):
                       meta["controller"] == "True", int(meta["cond_dim"]), int(meta["controller_dim"]))
     sd = load_file(str(path))
     if {k: v.shape for k, v in sd.items()} != {k: v.shape for k, v in dr.state_dict().items()}:
-        common.fail(f"{path} does not hold adapters for this --model (blocks or widths differ); train again")
+        common.fail(f"{path} does not hold adapters for this --model (blocks or widths differ, or it was saved before "
+                    "W_cond had a bias); train again")
     dr.load_state_dict(sd)
     return dr
 
@@ -494,6 +494,9 @@ def save_state(out, dr, step, opt, lr_sched, gen):
 
 
 def load_state(state, dr):
+    if {k: v.shape for k, v in state["adapters"].items()} != {k: v.shape for k, v in dr.state_dict().items()}:
+        common.fail("ckpt.pt holds other adapters (other flags, or saved before W_cond had a bias): train again "
+                    "with --overwrite")
     dr.load_state_dict(state["adapters"])
     common.set_rng_state(state["rng"])
 
@@ -512,9 +515,9 @@ def plan(args, prompts, images, clips):
                 f"StageBlender Controller, s {args.blend_scale}")
              + f", {1 if args.no_grouping else args.groups} weight group(s)",
              f"identity: {len(images)} photos at {args.height}x{args.width} as one-frame videos, prompt "
-             f"{prompts['subject']!r}, batch {args.identity_batch}, c = 0",
+             f"{prompts['subject']!r}, batch {args.identity_batch}, no condition c",
              f"motion: {len(clips)} clip(s) from {args.motion}, {args.frames} frames, prompt {prompts['motion']!r}, "
-             f"batch {args.motion_batch}, c = CLIP embedding of one random frame",
+             f"batch {args.motion_batch}, c = CLIP embedding of a random frame of each clip",
              f"training: {args.iterations} steps, motion with probability gamma {args.gamma}, "
              f"{'no gradient masking' if args.no_dual_aware else 'dual-aware gradient masking'}, AdamW lr {args.lr} "
              f"wd {args.weight_decay}, cosine ({args.lr_cycles} cycle(s)) after {args.warmup} warm-up steps",
@@ -583,10 +586,11 @@ def main(argv=None):
         save_adapters(dr, out / "adapters.safetensors", args)
 
     alphas = []  # the controller's alpha per group at each sampling step (mean over the guidance batch)
-    hook = dr.controller.register_forward_hook(lambda mod, inputs, out: alphas.append(out[0].mean(0).tolist()))
+    hook = dr.controller.register_forward_hook(lambda mod, inputs, weights: alphas.append(weights[0].mean(0).tolist()))
     video = generate(m, dr, text, c_subject, args, args.num_samples)
     hook.remove()
-    if alphas:  # --no-controller: fixed s/2, never computed
+    (out / "alpha_sample.json").unlink(missing_ok=True)  # --no-controller: fixed s/2, never computed
+    if alphas:
         (out / "alpha_sample.json").write_text(json.dumps(alphas))
     return common.write_result(out, video, images, videos[0], prompts["sample"], args.fps,
                                evaluate=toyworld.evaluate if args.model == "toy" else None)

@@ -95,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--separate-lora", action="store_true", help="a spatial LoRA set trained by the image steps "
                                                                 "and a temporal set trained by the video steps")
     p.add_argument("--two-stage", action="store_true", help="all image steps first, then all video steps "
-                                                            "(Algorithm 2) instead of alternating")
+                                                            "(Algorithm 2) instead of epochs of both")
     # run
     p.add_argument("--out", default="out/jointtuner")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
@@ -460,17 +460,17 @@ def generate(m, text, args, n):
 
 
 # -----------------------------------------------------------------------------
-# training: Algorithm 1 (joint, alternating) or Algorithm 2 (--two-stage)
+# training: Algorithm 1 (joint: epochs of photos then clips) or Algorithm 2 (--two-stage)
 
 
 def is_image_step(step, n_image, n_video, iterations, two_stage):
     """Algorithm 1 walks one data loader over the photos, then the clips: the code's loader is a ConcatDataset of
     [photos, clips], not shuffled, so each epoch is n_image image batches then n_video video batches (4 photos and
-    1 clip at batch 1: 4:1; the paper's 'alternately optimizes' names no ratio). --two-stage runs the same number of
-    each, images first (Algorithm 2). Its stage I keeps the OFS loss (Algorithm 2 writes the whole-clip eq. 3, but
-    Table 3 removes only the joint training)."""
+    1 clip at batch 1: 4:1; the paper's 'alternately optimizes' names no ratio). --two-stage runs as many steps of
+    each kind, all image steps first (Algorithm 2), so its Table 3 row changes only the order. Its stage I keeps the
+    OFS loss (Algorithm 2 writes the whole-clip eq. 3, but Table 3 removes only the joint training)."""
     if two_stage:
-        return step < (iterations + 1) // 2
+        return step < iterations * n_image // (n_image + n_video)
     return step % (n_image + n_video) < n_image
 
 

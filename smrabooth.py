@@ -306,9 +306,11 @@ def add_loras(transformer, args):
     """Each LoRA only in the layers it is injected in (sec. 3.4 says where they are injected, not where they are
     trained; the official training scripts train the subject LoRA in Q, K, FFN.0 and the motion LoRA in V, O,
     FFN.0, FFN.2); --inject all ('Combination 1') trains and injects both in every block linear."""
-    every = args.inject == "all"
-    subject = common.add_lora(transformer, "subject", args.subject_rank, LORA_TARGETS if every else args.subject_layers)
-    motion = common.add_lora(transformer, "motion", args.motion_rank, LORA_TARGETS if every else args.motion_layers)
+    def targets(names):  # --self-attn-only: attention layers in attn1 only, as injection_where injects them
+        names = LORA_TARGETS if args.inject == "all" else names
+        return [f"attn1.{n}" if args.self_attn_only and n in LORA_TARGETS[:4] else n for n in names]
+    subject = common.add_lora(transformer, "subject", args.subject_rank, targets(args.subject_layers))
+    motion = common.add_lora(transformer, "motion", args.motion_rank, targets(args.motion_layers))
     return subject, motion
 
 
@@ -594,8 +596,11 @@ def read_state(path, args):
 
 
 def load_state(state, m, projector):
-    from peft.utils import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     for name, sd in state["lora"].items():
+        if set(sd) != set(get_peft_model_state_dict(m["transformer"], adapter_name=name)):  # peft would skip them
+            common.fail(f"the checkpoint's {name} LoRA sits in other layers: resume with the same --inject, "
+                        "--subject-layers, --motion-layers and --self-attn-only")
         set_peft_model_state_dict(m["transformer"], sd, adapter_name=name)
     if state["projector"] is not None:
         projector.load_state_dict(state["projector"])
@@ -655,9 +660,9 @@ def plan(args, prompts, images, videos):
 
 
 # the paper's ablations as extra flags; "base" trains nothing (zero LoRAs = the pretrained backbone). Combination 1
-# trains both LoRAs in every layer (the official code's "-All" scripts); the other injection and the schedule
+# trains both LoRAs in every layer (the official code's "-All" scripts); Combinations 2 and 3 and the schedule
 # ablations change only sampling, so (--sample-only) they reuse the full method's LoRAs of the same seed, as the
-# paper's T_point experiments vary inference on one pair of trained LoRAs.
+# paper's sparsity experiments zero LoRA scales and its T_point experiments vary inference on trained LoRAs.
 ABLATIONS = {"base": ["--subject-steps", "0", "--motion-steps", "0"], "full": [], "no SuRA": ["--no-sura"],
              "no MoRA": ["--no-mora"], "no mask": ["--no-mask"],
              "inject all (Comb. 1)": ["--inject", "all"],

@@ -223,7 +223,8 @@ def test_the_shipped_toy_checkpoint_samples_the_held_out_sprites_as_when_it_was_
     shipped = tw.ASSETS / "toy_dual_task_sdv"
     assert sum(f.stat().st_size for f in shipped.iterdir()) < 10e6
     metrics = dts.main(["sample", "--model", "toy", "--out", str(tmp_path / "again")])
-    assert metrics == pytest.approx(json.loads((shipped / "metrics.json").read_text()), abs=0.02)
+    assert metrics == pytest.approx(json.loads((shipped / "metrics.json").read_text()), abs=0.03)
+    assert dts.parse_args(["sample", "--model", "toy"]).out == "out/dual_task_sdv_shipped"  # not the demo's run
     common.write_frames(tmp_path / "ref", tw.heldout_case(0)[0][None])
     img = sorted((tmp_path / "ref").iterdir())[0]
     dts.main(["sample", "--model", "toy", "--image", str(img), "--prompt", "a <cls> moving left on a white background",

@@ -235,6 +235,7 @@ def test_toy_end_to_end_writes_everything_and_sample_only_reuses_it(tmp_path):
     assert kinds and all(len(line[k]) == 4 and all(0 < a < 0.2 for a in line[k]) for line in log for k in kinds)
     alphas = json.loads((out / "alpha_sample.json").read_text())
     assert len(alphas) == 3 and all(len(a) == 4 for a in alphas)  # 3 steps, guidance batched: one call each
+    assert len({tuple(a) for a in alphas}) == 3 and all(a != 0.1 for step in alphas for a in step)  # t-dependent
     again = dr_mod.main(FAST + ["--out", str(out), "--sample-only"])
     assert again == metrics                                       # same adapters, same seed: the same clip
 
@@ -402,12 +403,11 @@ def test_one_clip_is_one_motion_sample_and_batches_never_repeat_an_item(tmp_path
         assert len(z) == 3 and len({tuple(x.flatten()[:4].tolist()) for x in z}) == 3
 
 
-def test_each_clip_gets_its_own_random_frame_for_c_drawn_once():
+def test_each_clip_gets_its_own_random_frame_for_c():
     videos = torch.arange(8.0)[:, None, None, None, None] + torch.arange(9.0)[None, :, None, None, None] / 10
     frames = dr_mod.condition_frames(videos.expand(8, 9, 3, 4, 4), 0)
     picked = [round(float(f.mean()) % 1 * 10) for f in frames]  # clip k frame i holds k + i / 10
     assert [int(f.mean()) for f in frames] == list(range(8)) and len(set(picked)) > 1
-    assert torch.equal(frames, dr_mod.condition_frames(videos.expand(8, 9, 3, 4, 4), 0))
 
 
 def test_motion_frames_are_consecutive_as_the_official_loader(tmp_path):

@@ -246,13 +246,14 @@ def test_separate_lora_trains_spatial_on_images_and_temporal_on_videos(tmp_path)
 
 
 def test_two_stage_runs_images_first_and_algorithm_2_without_the_spatial_set(tmp_path):
-    assert [jt.is_image_step(s, 4, 1, 5, True) for s in range(5)] == [True, True, True, False, False]
+    assert [jt.is_image_step(s, 4, 1, 5, True) for s in range(5)] == [True, True, True, True, False]  # joint's ratio
+    assert [jt.is_image_step(s, 1, 1, 4, True) for s in range(4)] == [True, True, False, False]
     assert [jt.is_image_step(s, 4, 1, 10, False) for s in range(10)] == ([True] * 4 + [False]) * 2
     assert [jt.is_image_step(s, 1, 1, 4, False) for s in range(4)] == [True, False, True, False]
-    calls, _, ad = _train_calls(tmp_path, ["--two-stage"], 4)
-    assert calls == [(1, True), (1, True), (9, True), (9, True)]  # one shared set: nothing to switch off
-    calls, _, ad = _train_calls(tmp_path, ["--two-stage", "--separate-lora"], 4)
-    assert calls == [(1, True), (1, True), (9, False), (9, False)]
+    calls, _, ad = _train_calls(tmp_path, ["--two-stage"], 8)     # 3 photos, 1 clip: 6 image steps, 2 video steps
+    assert calls == [(1, True)] * 6 + [(9, True)] * 2              # one shared set: nothing to switch off
+    calls, _, ad = _train_calls(tmp_path, ["--two-stage", "--separate-lora"], 8)
+    assert calls == [(1, True)] * 6 + [(9, False)] * 2
     assert all(a.enabled for a in ad.values())                   # both sets act at inference
 
 

@@ -138,6 +138,10 @@ def test_injection_layers_and_steps():
     sm.set_injection(layers, all_args, 9, 10)
     assert {t for n, _ in layers for t in sm.LORA_TARGETS if n.endswith(t)} == set(sm.LORA_TARGETS)
     assert all(m.scaling["subject"] == 1.0 and m.scaling["motion"] == 1.0 for n, m in layers)
+    attn1 = tw.build_backbone("wan")  # --self-attn-only: trained where injected, so no LoRA in cross-attention
+    sm.add_loras(attn1, sm.parse_args(["--model", "toy", "--self-attn-only"]))
+    names = [n for n, _ in common.lora_layers(attn1)]
+    assert not any(".attn2." in n for n in names) and any(n.endswith("ffn.net.2") for n in names)
     drop = sm.parse_args(["--model", "toy", "--subject-drop-ffn0", "--self-attn-only"])
     sm.set_injection(layers, drop, 9, 10)
     for n, m in layers:
@@ -223,6 +227,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert json.loads((tmp_path / "a" / "metrics.json").read_text()) == \
         json.loads((tmp_path / "b" / "metrics.json").read_text())
+    # LoRAs in other layers than the checkpoint's are refused (peft alone would load the matching keys, silently)
+    with pytest.raises(common.InputError, match="sits in other layers"):
+        sm.main(args + ["--out", str(tmp_path / "b"), "--resume", "--inject", "all"])
 
 
 def test_samples_are_written_during_training_without_changing_it(tmp_path):
