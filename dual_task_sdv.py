@@ -122,12 +122,9 @@ def parse_args(argv=None):
     p.add_argument("--ablation-seeds", type=int, default=1, help="seeds for the other --ablate variants (0: none)")
     args = p.parse_args(argv)
     args.mode = "sample" if args.sample_only else mode or ("toy" if args.model == "toy" else "train")
-    # sample mode's --ckpt: --sample-only's own --out, else (toy) the shipped run of the full method in assets/,
-    # sampled into a folder of its own unless --out is given (never into the toy demo's run)
-    shipped = args.model == "toy" and args.mode == "sample" and not (args.ckpt or args.sample_only)
     args.ckpt = args.ckpt or (args.out if args.sample_only else None)
-    if shipped:
-        args.ckpt = str(toyworld.ASSETS / "toy_dual_task_sdv")
+    if args.model == "toy" and args.mode == "sample" and not args.ckpt:  # the shipped run of the full method,
+        args.ckpt = str(toyworld.ASSETS / "toy_dual_task_sdv")  # sampled into its own folder, not the demo's run
         args.out = "out/dual_task_sdv_shipped" if args.out == p.get_default("out") else args.out
     if args.model == "toy":
         args.subject = args.motion = None  # apply_toy_preset fills the bundled subject/motion (unused here)

@@ -377,6 +377,11 @@ def adapter_metadata(path):
     return meta
 
 
+def same_layout(sd, dr):
+    """Whether a saved state dict holds exactly dr's tensors: the same names (e.g. W_cond's bias) and shapes."""
+    return {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in dr.state_dict().items()}
+
+
 def load_adapters(transformer, path):
     """Build and hook DualReal as the file's metadata says (groups, controller...) and load its weights."""
     from safetensors.torch import load_file
@@ -384,7 +389,7 @@ def load_adapters(transformer, path):
     dr = add_dualreal(transformer, int(meta["rank"]), int(meta["groups"]), float(meta["s"]),
                       meta["controller"] == "True", int(meta["cond_dim"]), int(meta["controller_dim"]))
     sd = load_file(str(path))
-    if {k: v.shape for k, v in sd.items()} != {k: v.shape for k, v in dr.state_dict().items()}:
+    if not same_layout(sd, dr):
         common.fail(f"{path} does not hold adapters for this --model (blocks or widths differ, or it was saved before "
                     "W_cond had a bias); train again")
     dr.load_state_dict(sd)
@@ -494,7 +499,7 @@ def save_state(out, dr, step, opt, lr_sched, gen):
 
 
 def load_state(state, dr):
-    if {k: v.shape for k, v in state["adapters"].items()} != {k: v.shape for k, v in dr.state_dict().items()}:
+    if not same_layout(state["adapters"], dr):
         common.fail("ckpt.pt holds other adapters (other flags, or saved before W_cond had a bias): train again "
                     "with --overwrite")
     dr.load_state_dict(state["adapters"])

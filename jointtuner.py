@@ -463,6 +463,11 @@ def generate(m, text, args, n):
 # training: Algorithm 1 (joint: epochs of photos then clips) or Algorithm 2 (--two-stage)
 
 
+def epoch_batches(n_photos, n_clips, batch):
+    """(image batches, video batches) of one epoch of the code's loader: each item once, the last batch short."""
+    return -(-n_photos // batch), -(-n_clips // batch)
+
+
 def is_image_step(step, n_image, n_video, iterations, two_stage):
     """Algorithm 1 walks one data loader over the photos, then the clips: the code's loader is a ConcatDataset of
     [photos, clips], not shuffled, so each epoch is n_image image batches then n_video video batches (4 photos and
@@ -485,7 +490,7 @@ def train(unet, alphas_cumprod, adapters, lat, text, args, state, out, preview=N
     if state.get("opt"):  # resuming: the same batches and noise as an uninterrupted run
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
-    n_image, n_video = (-(-n // args.batch) for n in (lat["image"].shape[1], len(lat["video"])))  # one epoch
+    n_image, n_video = epoch_batches(lat["image"].shape[1], len(lat["video"]), args.batch)
     stage_two = [a for a in adapters.values() if a.kind == "spatial"] if args.two_stage and args.separate_lora else []
     log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
     unet.train()  # LoRA dropout on; the frozen UNet itself has no dropout
@@ -551,6 +556,7 @@ def load_state(state, unet):
 
 
 def plan(args, prompts, images, clips):
+    n_image, n_video = epoch_batches(len(images), len(clips), args.batch)
     real = "" if args.model == "toy" else " (ZeroScope: 1.4 B UNet3D, 84 M VAE, 354 M CLIP text encoder freed " \
                                           "after encoding; the paper: 17 GB, ~30 min for 2000 iterations)"
     lines = [f"model: {args.model}" + real,
@@ -564,7 +570,7 @@ def plan(args, prompts, images, clips):
              f"{args.ait_lambda}, offset noise {args.offset_noise}",
              f"training: {args.iterations} iterations, " + (
                  "all image batches, then all video batches" if args.two_stage else
-                 f"epochs of {-(-len(images) // args.batch)} image then {-(-len(clips) // args.batch)} video batch(es)")
+                 f"epochs of {n_image} image then {n_video} video batch(es)")
              + f", batch {args.batch}, AdamW lr {args.lr} wd {args.weight_decay}",
              f"sample: {prompts['sample']!r}, {args.frames} frames at {args.height}x{args.width}, DDIM {args.steps} "
              f"steps, cfg {args.cfg}",
