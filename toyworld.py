@@ -15,6 +15,7 @@ rendering (no learned classifier).
     python toyworld.py eval VIDEO --subject assets/toy/subject --motion assets/toy/motion
     python toyworld.py eval-base --family wan           # prompt following of a pretrained toy backbone
     python toyworld.py make-assets                      # re-create assets/ (encoders, tokenizer, toy inputs)
+    python toyworld.py make-task out/task2              # a second task: a red ring, a magenta triangle's zigzag
 """
 import argparse
 import copy
@@ -968,10 +969,10 @@ def heldout_eval(generate, seed):
 # bundled assets and the command line
 
 
-def subject_images(n=4, seed=0):
+def subject_images(n=4, seed=0, subject=SUBJECT):
     """The bundled novel subject: n stills on different backgrounds and places, with masks (n, H, W)."""
     gen = torch.Generator().manual_seed(seed)
-    concepts = [dict(SUBJECT, background=b) for b in list(BACKGROUNDS)[:n]]
+    concepts = [dict(subject, background=b) for b in list(BACKGROUNDS)[:n]]
     video, mask = render(concepts, gen, frames=1, masks=True)
     return video[:, 0], mask[:, 0]
 
@@ -979,16 +980,40 @@ def subject_images(n=4, seed=0):
 MOTION_CLIP = dict(MOTION_SPRITE, motion="zigzag", background="gray")  # the bundled motion clip's concept
 
 
-def motion_clip(seed=0):
+def motion_clip(seed=0, concept=MOTION_CLIP):
     """The bundled novel motion: a familiar sprite (MOTION_SPRITE) moving in a zigzag on a gray background."""
-    return render([MOTION_CLIP], torch.Generator().manual_seed(seed))[0]
+    return render([concept], torch.Generator().manual_seed(seed))[0]
 
 
-def motion_caption():
+def motion_caption(concept=MOTION_CLIP):
     """The bundled clip's caption.txt, the whole clip in the world's words: 'a blue striped square moving in a zigzag
     on a gray background'. The papers caption their reference videos so: SMRABooth supp. sec. 3 (a detailed GPT-4o
     caption of the content and its motion), JointTuner supp. B.2 (BLIP-2 captions), DualReal (the video's caption)."""
-    return caption(MOTION_CLIP)
+    return caption(concept)
+
+
+# a second task (`make-task`), so that a result is not about one star: another novel shape (a ring, solid, red) and
+# the novel zigzag done by another familiar sprite on another background, again sharing no factor with the subject
+TASK2 = dict(subject=dict(colour="red", shape="ring", pattern="solid"),
+             clip=dict(colour="magenta", shape="triangle", pattern="checkered", motion="zigzag", background="white"))
+
+
+def write_task(folder, subject=SUBJECT, clip=MOTION_CLIP, seed=0):
+    """A customization task as the methods read it: folder/subject (4 stills, masks/, prompt.txt: the class word)
+    and folder/motion (9 PNG frames and caption.txt), with a gif of each."""
+    import imageio.v3 as iio
+    images, masks = subject_images(subject=subject, seed=seed)
+    subj = Path(folder) / "subject"
+    (subj / "masks").mkdir(parents=True, exist_ok=True)
+    for i, (img, m) in enumerate(zip(images, masks)):
+        iio.imwrite(subj / f"{i}.png", common.to_uint8(img))
+        iio.imwrite(subj / "masks" / f"{i}.png", (m.numpy() * 255).astype("uint8"))
+    (subj / "prompt.txt").write_text(subject["shape"] + "\n")
+    video = motion_clip(seed, clip)
+    common.write_frames(Path(folder) / "motion", video)
+    (Path(folder) / "motion" / "caption.txt").write_text(motion_caption(clip) + "\n")
+    common.write_video(Path(folder) / "motion.gif", video, fps=4, upscale=4)
+    common.write_video(Path(folder) / "subject.gif", images, fps=1, upscale=4)
 
 
 def sample_prompt(subject, clip_caption):
@@ -1019,19 +1044,7 @@ def make_assets():
     from transformers import CLIPImageProcessor  # the CLIP stand-in's own preprocessing, as the real model ships it
     CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(
         ASSETS / "encoders" / "clip_vision")
-    import imageio.v3 as iio
-    images, masks = subject_images()
-    subj = ASSETS / "toy" / "subject"
-    (subj / "masks").mkdir(parents=True, exist_ok=True)
-    for i, (img, m) in enumerate(zip(images, masks)):
-        iio.imwrite(subj / f"{i}.png", common.to_uint8(img))
-        iio.imwrite(subj / "masks" / f"{i}.png", (m.numpy() * 255).astype("uint8"))
-    (subj / "prompt.txt").write_text(SUBJECT["shape"] + "\n")  # the class word
-    clip = motion_clip()
-    common.write_frames(ASSETS / "toy" / "motion", clip)
-    (ASSETS / "toy" / "motion" / "caption.txt").write_text(motion_caption() + "\n")
-    common.write_video(ASSETS / "toy" / "motion.gif", clip, fps=4, upscale=4)
-    common.write_video(ASSETS / "toy" / "subject.gif", images, fps=1, upscale=4)
+    write_task(ASSETS / "toy")
     print(f"wrote {ASSETS}")
 
 
@@ -1174,6 +1187,8 @@ def main(argv=None):
     ev_vae.add_argument("--seed", type=int, default=0)
     ev_vae.add_argument("--json")
     sub.add_parser("make-assets", help="re-create the shipped encoders and toy subject/motion in assets/")
+    mt = sub.add_parser("make-task", help="render the second toy task (a red ring; a magenta triangle's zigzag)")
+    mt.add_argument("out", help="folder for subject/ and motion/ (pass them as --subject and --motion)")
     args = p.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     if args.cmd == "pretrain":
@@ -1186,6 +1201,8 @@ def main(argv=None):
         return train_vae(args)
     if args.cmd == "eval-vae":
         return cmd_eval_vae(args)
+    if args.cmd == "make-task":
+        return write_task(args.out, **TASK2)
     return make_assets()
 
 

@@ -170,6 +170,23 @@ def test_bundled_assets_match_the_code():
     assert tw.classify_motion(tw.centroids(tw.segment(clip)[1])) == "zigzag"
 
 
+def test_make_task_writes_a_second_task_the_metrics_read_back(tmp_path):
+    """`toyworld.py make-task` renders TASK2 as the bundled task is laid out; its photos and clip are recognised as
+    the factors asked for, the clip is a zigzag sharing no factor with the subject, and a rendered video of the
+    subject doing the clip's motion scores full identity and motion with no leakage."""
+    tw.main(["make-task", str(tmp_path)])
+    images = [common.read_image(p) for p in common.list_images(tmp_path / "subject")]
+    assert tw.reference_factors(images) == tw.TASK2["subject"] != tw.SUBJECT
+    clip = common.read_video(tmp_path / "motion", tw.NUM_FRAMES)
+    assert tw.classify_motion(tw.centroids(tw.segment(clip)[1])) == "zigzag"
+    assert common.read_text(tmp_path / "motion" / "caption.txt", None) == tw.caption(tw.TASK2["clip"])
+    assert common.read_text(tmp_path / "subject" / "prompt.txt", None) == "ring"
+    assert len(common.list_images(tmp_path / "subject" / "masks")) == len(images)
+    ring = dict(tw.TASK2["subject"], motion="zigzag", background="white")
+    video = tw.render([ring], torch.Generator().manual_seed(1))[0]
+    m = tw.evaluate(video, torch.stack(images), clip)
+    assert m["identity"] == 1 and m["leakage"] == 0 and m["motion"] > 0.99
+
 
 def test_bundled_motion_caption_names_the_whole_clip_in_the_worlds_words():
     """caption.txt says what the frames show (sprite, background and motion, recognised from the pixels), as the
