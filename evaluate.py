@@ -9,6 +9,7 @@ ids or local folders given by flags (checked before anything loads; nothing is d
     python evaluate.py --table results/*/full/seed*/metrics.json   # markdown table; seed folders are averaged
     python evaluate.py --paired results/dualreal/base results/dualreal/full   # seed by seed: is B ahead of A?
     python evaluate.py --grad-cosine grad_cosine.png out/dual_task_sdv/ablations/p_0*/seed0/grad_log.jsonl
+    python evaluate.py --alpha alpha.png out/dualreal/ablations/full/seed*   # what DualReal's controller chose
 
 Metrics, formulas as in the reference code (DreamBooth, VBench, diffusion-motion-transfer = DMT, PickScore):
 clip_t, clip_i, dino_i, temporal_consistency, subject_consistency (VBench), motion_fidelity (DMT), dynamic_degree
@@ -93,6 +94,9 @@ def parse_args(argv=None):
                    "per metric, B - A seed by seed, its mean and standard error, and whether B is ahead by > 2 SE")
     p.add_argument("--grad-cosine", nargs="+", metavar=("PNG", "GRAD_LOG"), help="draw dual_task_sdv's gradient "
                    "logs (grad_log.jsonl of --grad-every runs) as the paper's Fig. 5 into PNG")
+    p.add_argument("--alpha", nargs="+", metavar=("PNG", "RUN"), help="draw DualReal's controller alpha per weight "
+                   "group, in training by step kind and during sampling (log.jsonl, alpha_sample.json of RUN folders), "
+                   "mean over the runs, into PNG, and print its table")
     return p.parse_args(argv)
 
 
@@ -483,6 +487,42 @@ def plot_grad_cosine(logs, png):
     plt.close(fig)
 
 
+def alpha_trace(runs, png):
+    """DualReal's StageBlender choices, mean over runs: alpha (the identity adapters' weight; beta = s - alpha) per
+    weight group at each logged training step, for the latest identity and motion step (log.jsonl), and at every
+    sampling step (alpha_sample.json). Draws both into PNG; returns the markdown table of the last training values
+    and the first and last sampling steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    logs = [[json.loads(x) for x in (Path(r) / "log.jsonl").read_text().splitlines()] for r in runs]
+    steps = [row["step"] for row in logs[0] if "alpha_identity" in row and "alpha_motion" in row]
+    mean = lambda xs: [sum(v) / len(v) for v in zip(*xs)]  # over runs, per group
+    train = {k: [mean([next(row[k] for row in log if row["step"] == st) for log in logs]) for st in steps]
+             for k in ("alpha_identity", "alpha_motion")}
+    sampling = [mean(step) for step in zip(*[json.loads((Path(r) / "alpha_sample.json").read_text()) for r in runs])]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3))
+    for g in range(len(sampling[0])):
+        for kind, style in (("identity", "-"), ("motion", "--")):
+            ax[0].plot(steps, [a[g] for a in train[f"alpha_{kind}"]], style, color=f"C{g}",
+                       label=f"group {g}, {kind} steps")
+        ax[1].plot(range(1, len(sampling) + 1), [a[g] for a in sampling], "-", color=f"C{g}", label=f"group {g}")
+    ax[0].set(xlabel="training step", ylabel="alpha (beta = s - alpha)")
+    ax[1].set(xlabel="sampling step (noisy to clean)", ylabel="alpha")
+    for a in ax:
+        a.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    cells = lambda xs: " | ".join(f"{x:.3f}" for x in xs)
+    rows = [("training, last identity step", train["alpha_identity"][-1]),
+            ("training, last motion step", train["alpha_motion"][-1]),
+            ("sampling, first step", sampling[0]), ("sampling, last step", sampling[-1])]
+    head = "| alpha, mean of " + f"{len(runs)} run(s) | " + " | ".join(f"group {g}" for g in range(len(sampling[0])))
+    return "\n".join([head + " |", "|" + " --- |" * (len(sampling[0]) + 1)] +
+                     [f"| {name} | {cells(v)} |" for name, v in rows])
+
+
 def paired(a, b):
     """{metric: dict(a=[...], b=[...], diff=, se=, ahead=, beats=)} over the seeds both folders hold. diff is the
     mean of (B - A) per seed, signed so that positive is better (leakage negated); se its standard error
@@ -596,6 +636,14 @@ def main(argv=None):
         if missing:
             common.fail(f"--grad-cosine PNG GRAD_LOG...: no gradient log at {missing[0]} (dual_task_sdv --grad-every)")
         return plot_grad_cosine(logs, png)
+    if args.alpha:
+        png, *runs = args.alpha
+        missing = [r for r in runs if not (Path(r) / "alpha_sample.json").is_file()] or ([] if runs else ["(none)"])
+        if missing:
+            common.fail(f"--alpha PNG RUN...: no alpha_sample.json in {missing[0]} (a DualReal run with a controller)")
+        table = alpha_trace(runs, png)
+        print(table)
+        return table
     if args.paired:
         seeds, res = paired(*args.paired)
         a, b = args.paired
