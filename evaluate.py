@@ -491,16 +491,28 @@ def alpha_trace(runs, png):
     """DualReal's StageBlender choices, mean over runs: alpha (the identity adapters' weight; beta = s - alpha) per
     weight group at each logged training step, for the latest identity and motion step (log.jsonl), and at every
     sampling step (alpha_sample.json). Draws both into PNG; returns the markdown table of the last training values
-    and the first and last sampling steps."""
+    and the first and last sampling steps. The runs must share their logged steps, sampling steps and groups."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    logs = [[json.loads(x) for x in (Path(r) / "log.jsonl").read_text().splitlines()] for r in runs]
-    steps = [row["step"] for row in logs[0] if "alpha_identity" in row and "alpha_motion" in row]
-    mean = lambda xs: [sum(v) / len(v) for v in zip(*xs)]  # over runs, per group
-    train = {k: [mean([next(row[k] for row in log if row["step"] == st) for log in logs]) for st in steps]
-             for k in ("alpha_identity", "alpha_motion")}
-    sampling = [mean(step) for step in zip(*[json.loads((Path(r) / "alpha_sample.json").read_text()) for r in runs])]
+    logs, sampled = [], []
+    for r in runs:
+        for name in ("log.jsonl", "alpha_sample.json"):
+            if not (Path(r) / name).is_file():
+                common.fail(f"--alpha PNG RUN...: no {name} in {r} (a trained DualReal run with its controller)")
+        rows = [json.loads(x) for x in (Path(r) / "log.jsonl").read_text().splitlines()]
+        # by step, the last row of a step winning (--resume appends), once both kinds have run
+        logs.append({row["step"]: row for row in rows if "alpha_identity" in row and "alpha_motion" in row})
+        sampled.append(json.loads((Path(r) / "alpha_sample.json").read_text()))
+    steps = sorted(set.intersection(*(set(log) for log in logs)))
+    if not steps or len({(len(x), len(x[0])) for x in sampled}) > 1:
+        common.fail(f"--alpha: {', '.join(runs)} share no logged step with both kinds, or differ in sampling steps "
+                    f"or groups; give runs of one setting")
+
+    def mean(xs):  # over runs, per group
+        return [sum(v) / len(v) for v in zip(*xs)]
+    train = {k: [mean([log[st][k] for log in logs]) for st in steps] for k in ("alpha_identity", "alpha_motion")}
+    sampling = [mean(step) for step in zip(*sampled)]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3))
     for g in range(len(sampling[0])):
         for kind, style in (("identity", "-"), ("motion", "--")):
@@ -514,13 +526,12 @@ def alpha_trace(runs, png):
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
-    cells = lambda xs: " | ".join(f"{x:.3f}" for x in xs)
     rows = [("training, last identity step", train["alpha_identity"][-1]),
             ("training, last motion step", train["alpha_motion"][-1]),
             ("sampling, first step", sampling[0]), ("sampling, last step", sampling[-1])]
-    head = "| alpha, mean of " + f"{len(runs)} run(s) | " + " | ".join(f"group {g}" for g in range(len(sampling[0])))
+    head = f"| alpha, mean of {len(runs)} run(s) | " + " | ".join(f"group {g}" for g in range(len(sampling[0])))
     return "\n".join([head + " |", "|" + " --- |" * (len(sampling[0]) + 1)] +
-                     [f"| {name} | {cells(v)} |" for name, v in rows])
+                     [f"| {name} | " + " | ".join(f"{x:.3f}" for x in v) + " |" for name, v in rows])
 
 
 def paired(a, b):
@@ -638,9 +649,8 @@ def main(argv=None):
         return plot_grad_cosine(logs, png)
     if args.alpha:
         png, *runs = args.alpha
-        missing = [r for r in runs if not (Path(r) / "alpha_sample.json").is_file()] or ([] if runs else ["(none)"])
-        if missing:
-            common.fail(f"--alpha PNG RUN...: no alpha_sample.json in {missing[0]} (a DualReal run with a controller)")
+        if not runs:
+            common.fail("--alpha PNG RUN...: give at least one DualReal run folder")
         table = alpha_trace(runs, png)
         print(table)
         return table

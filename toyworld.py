@@ -970,7 +970,8 @@ def heldout_eval(generate, seed):
 
 
 def subject_images(n=4, seed=0, subject=SUBJECT):
-    """The bundled novel subject: n stills on different backgrounds and places, with masks (n, H, W)."""
+    """A subject's photos (the bundled novel one by default): n stills on different backgrounds and places, with
+    masks (n, H, W)."""
     gen = torch.Generator().manual_seed(seed)
     concepts = [dict(subject, background=b) for b in list(BACKGROUNDS)[:n]]
     video, mask = render(concepts, gen, frames=1, masks=True)
@@ -981,12 +982,13 @@ MOTION_CLIP = dict(MOTION_SPRITE, motion="zigzag", background="gray")  # the bun
 
 
 def motion_clip(seed=0, concept=MOTION_CLIP):
-    """The bundled novel motion: a familiar sprite (MOTION_SPRITE) moving in a zigzag on a gray background."""
+    """A motion clip of `concept`; by default the bundled novel motion: a familiar sprite (MOTION_SPRITE) moving in a
+    zigzag on a gray background."""
     return render([concept], torch.Generator().manual_seed(seed))[0]
 
 
 def motion_caption(concept=MOTION_CLIP):
-    """The bundled clip's caption.txt, the whole clip in the world's words: 'a blue striped square moving in a zigzag
+    """A clip's caption.txt (the bundled one by default), the whole clip in the world's words: 'a blue striped square moving in a zigzag
     on a gray background'. The papers caption their reference videos so: SMRABooth supp. sec. 3 (a detailed GPT-4o
     caption of the content and its motion), JointTuner supp. B.2 (BLIP-2 captions), DualReal (the video's caption)."""
     return caption(concept)
@@ -1202,7 +1204,8 @@ def main(argv=None):
     if args.cmd == "eval-vae":
         return cmd_eval_vae(args)
     if args.cmd == "make-task":
-        return write_task(args.out, **TASK2)
+        write_task(args.out, **TASK2)
+        return print(f"wrote {args.out}: --subject {Path(args.out) / 'subject'} --motion {Path(args.out) / 'motion'}")
     return make_assets()
 
 

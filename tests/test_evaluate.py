@@ -355,13 +355,15 @@ def test_grad_cosine_draws_the_gradient_logs_of_two_runs(tmp_path, capsys):
 
 def test_alpha_trace_averages_dualreals_controller_over_runs(tmp_path, capsys):
     """--alpha: alpha per group at the last logged step of each kind and at the first and last sampling steps, the
-    mean over the runs; rows logged before both kinds ran are skipped; a run without alpha_sample.json is one line."""
+    mean over the runs; rows logged before both kinds ran are skipped, a step logged twice (--resume) counts its
+    last row; a run without alpha_sample.json, or of another length, is one line."""
     runs = []
     for k, shift in enumerate((0.0, 0.2)):
         run = tmp_path / f"seed{k}"
         run.mkdir()
         rows = [dict(step=10, alpha_identity=[0.5, 0.5]),  # no motion step yet
                 dict(step=20, alpha_identity=[0.1 + shift, 0.2], alpha_motion=[0.3, 0.4 + shift]),
+                dict(step=30, alpha_identity=[0.9, 0.9], alpha_motion=[0.9, 0.9]),  # overwritten on resume
                 dict(step=30, alpha_identity=[0.12 + shift, 0.2], alpha_motion=[0.05, 0.06 + shift], lr=0.1)]
         (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (run / "alpha_sample.json").write_text(json.dumps([[0.1, 0.2 + shift], [0.3, 0.4], [0.5 + shift, 0.6]]))
@@ -373,6 +375,10 @@ def test_alpha_trace_averages_dualreals_controller_over_runs(tmp_path, capsys):
     assert lines[3] == "| training, last motion step | 0.050 | 0.160 |"
     assert lines[4] == "| sampling, first step | 0.100 | 0.300 |"
     assert lines[5] == "| sampling, last step | 0.600 | 0.600 |"
+    (tmp_path / "seed1" / "alpha_sample.json").write_text(json.dumps([[0.1, 0.2]]))
+    with pytest.raises(SystemExit) as e:
+        common.cli(ev.main, ["--alpha", str(tmp_path / "x.png")] + runs)
+    assert e.value.code == 2 and "differ in sampling steps" in capsys.readouterr().err
     (tmp_path / "seed1" / "alpha_sample.json").unlink()
     with pytest.raises(SystemExit) as e:
         common.cli(ev.main, ["--alpha", str(tmp_path / "x.png")] + runs)

@@ -179,6 +179,8 @@ def test_make_task_writes_a_second_task_the_metrics_read_back(tmp_path):
     assert tw.reference_factors(images) == tw.TASK2["subject"] != tw.SUBJECT
     clip = common.read_video(tmp_path / "motion", tw.NUM_FRAMES)
     assert tw.classify_motion(tw.centroids(tw.segment(clip)[1])) == "zigzag"
+    seen = tw.reference_factors([clip])
+    assert all(seen[k] == tw.TASK2["clip"][k] != tw.TASK2["subject"][k] for k in tw.FACTORS)
     assert common.read_text(tmp_path / "motion" / "caption.txt", None) == tw.caption(tw.TASK2["clip"])
     assert common.read_text(tmp_path / "subject" / "prompt.txt", None) == "ring"
     assert len(common.list_images(tmp_path / "subject" / "masks")) == len(images)
