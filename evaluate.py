@@ -478,10 +478,15 @@ def plot_grad_cosine(logs, png):
         for a, k, style in ((ax[0], "cos", "-"), (ax[1], "norm_img", "-"), (ax[1], "norm_vid", "--")):
             a.plot([r["step"] for r in rows], [r[k] for r in rows], style, label=f"{k} {label}")
     ax[0].axhline(0, color="gray", lw=0.5)
-    ax[0].set(xlabel="step", ylabel="cos(g_img, g_vid)")
-    ax[1].set(xlabel="step", ylabel="gradient norm")
-    for a in ax:
-        a.legend(fontsize=7)
+    save_panels(fig, ax, png, [("step", "cos(g_img, g_vid)"), ("step", "gradient norm")], fontsize=7)
+
+
+def save_panels(fig, ax, png, labels, fontsize):
+    """The two diagnostics' figures: each panel's (x, y) labels and legend, then the figure written to png."""
+    import matplotlib.pyplot as plt
+    for a, (x, y) in zip(ax, labels):
+        a.set(xlabel=x, ylabel=y)
+        a.legend(fontsize=fontsize)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
@@ -519,13 +524,8 @@ def alpha_trace(runs, png):
             ax[0].plot(steps, [a[g] for a in train[f"alpha_{kind}"]], style, color=f"C{g}",
                        label=f"group {g}, {kind} steps")
         ax[1].plot(range(1, len(sampling) + 1), [a[g] for a in sampling], "-", color=f"C{g}", label=f"group {g}")
-    ax[0].set(xlabel="training step", ylabel="alpha (beta = s - alpha)")
-    ax[1].set(xlabel="sampling step (noisy to clean)", ylabel="alpha")
-    for a in ax:
-        a.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
+    save_panels(fig, ax, png, [("training step", "alpha (beta = s - alpha)"),
+                               ("sampling step (noisy to clean)", "alpha")], fontsize=6)
     rows = [("training, last identity step", train["alpha_identity"][-1]),
             ("training, last motion step", train["alpha_motion"][-1]),
             ("sampling, first step", sampling[0]), ("sampling, last step", sampling[-1])]
