@@ -302,8 +302,8 @@ def test_bad_inputs_end_with_one_line_before_any_model_loads(tmp_path, capsys):
     assert (out / "result.mp4").read_bytes() == b"earlier" and len(list(out.iterdir())) == 1
 
 
-def test_dry_run_loads_nothing(capsys):
-    assert dr_mod.main(["--model", "toy", "--dry-run"]) is None
+def test_dry_run_loads_nothing(tmp_path, capsys):
+    assert dr_mod.main(["--model", "toy", "--dry-run", "--out", str(tmp_path)]) is None
     out = capsys.readouterr().out
     assert "a sks star moving in a zigzag" in out and "ddim 20 steps" in out and "Loading" not in out
 
