@@ -988,9 +988,10 @@ def motion_clip(seed=0, concept=MOTION_CLIP):
 
 
 def motion_caption(concept=MOTION_CLIP):
-    """A clip's caption.txt (the bundled one by default), the whole clip in the world's words: 'a blue striped square moving in a zigzag
-    on a gray background'. The papers caption their reference videos so: SMRABooth supp. sec. 3 (a detailed GPT-4o
-    caption of the content and its motion), JointTuner supp. B.2 (BLIP-2 captions), DualReal (the video's caption)."""
+    """A clip's caption.txt (the bundled one by default), the whole clip in the world's words: 'a blue striped square
+    moving in a zigzag on a gray background'. The papers caption their reference videos so: SMRABooth supp. sec. 3
+    (a detailed GPT-4o caption of the content and its motion), JointTuner supp. B.2 (BLIP-2 captions), DualReal (the
+    video's caption)."""
     return caption(concept)
 
 
@@ -1000,22 +1001,23 @@ TASK2 = dict(subject=dict(colour="red", shape="ring", pattern="solid"),
              clip=dict(colour="magenta", shape="triangle", pattern="checkered", motion="zigzag", background="white"))
 
 
-def write_task(folder, subject=SUBJECT, clip=MOTION_CLIP, seed=0):
+def write_task(folder, subject=SUBJECT, clip=MOTION_CLIP):
     """A customization task as the methods read it: folder/subject (4 stills, masks/, prompt.txt: the class word)
     and folder/motion (9 PNG frames and caption.txt), with a gif of each."""
     import imageio.v3 as iio
-    images, masks = subject_images(subject=subject, seed=seed)
-    subj = Path(folder) / "subject"
+    folder = Path(folder)
+    images, masks = subject_images(subject=subject)
+    subj = folder / "subject"
     (subj / "masks").mkdir(parents=True, exist_ok=True)
     for i, (img, m) in enumerate(zip(images, masks)):
         iio.imwrite(subj / f"{i}.png", common.to_uint8(img))
         iio.imwrite(subj / "masks" / f"{i}.png", (m.numpy() * 255).astype("uint8"))
     (subj / "prompt.txt").write_text(subject["shape"] + "\n")
-    video = motion_clip(seed, clip)
-    common.write_frames(Path(folder) / "motion", video)
-    (Path(folder) / "motion" / "caption.txt").write_text(motion_caption(clip) + "\n")
-    common.write_video(Path(folder) / "motion.gif", video, fps=4, upscale=4)
-    common.write_video(Path(folder) / "subject.gif", images, fps=1, upscale=4)
+    video = motion_clip(concept=clip)
+    common.write_frames(folder / "motion", video)
+    (folder / "motion" / "caption.txt").write_text(motion_caption(clip) + "\n")
+    common.write_video(folder / "motion.gif", video, fps=4, upscale=4)
+    common.write_video(folder / "subject.gif", images, fps=1, upscale=4)
 
 
 def sample_prompt(subject, clip_caption):
@@ -1205,7 +1207,8 @@ def main(argv=None):
         return cmd_eval_vae(args)
     if args.cmd == "make-task":
         write_task(args.out, **TASK2)
-        return print(f"wrote {args.out}: --subject {Path(args.out) / 'subject'} --motion {Path(args.out) / 'motion'}")
+        print(f"wrote {args.out}: --subject {Path(args.out) / 'subject'} --motion {Path(args.out) / 'motion'}")
+        return None
     return make_assets()
 
 
