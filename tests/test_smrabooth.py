@@ -103,14 +103,15 @@ def test_mora_is_zero_for_the_same_motion_and_grows_with_a_shift():
     assert sm.mora_loss(tw.toy_flow, still, ref_flow) > 0.1
 
 
-def test_mora_is_in_units_of_the_image_side_so_alpha_does_not_depend_on_the_resolution():
-    # flows in units of the image side (x / W, y / H): the same motion at twice the size gives the same loss
+def test_mora_is_in_pixels_as_the_paper_writes_it():
+    # the flow network's own units, as the paper's L1 of raw flows: the same motion at twice the size moves twice
+    # as many pixels and gives twice the loss (flows divided by the image side would give the same loss)
     losses = []
     for scale in (1, 2):
         clip = F.interpolate(tw.motion_clip(), scale_factor=scale, mode="bilinear")[None]
         ref_flow = tw.toy_flow(clip[0, :-1], clip[0, 1:])[None]
         losses.append(float(sm.mora_loss(tw.toy_flow, clip[:, :1].expand_as(clip), ref_flow)))
-    assert abs(losses[1] / losses[0] - 1) < 0.15, losses
+    assert abs(losses[1] / losses[0] - 2) < 0.3, losses
 
 
 def test_injection_layers_and_steps():
