@@ -588,6 +588,11 @@ def read_state(path, args):
     for name, value in held.items():
         if value != getattr(args, name):
             common.fail(f"{path} was trained with --{name.replace('_', '-')} {value}: resume with the same flags")
+    for name, sd in state["lora"].items():  # runs before 7f5a8a6 trained each LoRA only where it is injected
+        layers = {k.split(".lora_")[0] for k in sd}
+        if not all(any(n.endswith(t) for n in layers) for t in LORA_TARGETS):
+            common.fail(f"{path} holds a {name} LoRA trained in some layers only (an older run): train again with "
+                        "--overwrite")
     return state
 
 

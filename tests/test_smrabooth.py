@@ -526,6 +526,7 @@ BAD_FILES = {  # (tmp folder, --out) -> flags, and the words the one-line error 
                                    "was trained with --motion-rank 64"),
     "checkpoint of another projector": (lambda t, out: with_ckpt(out, _state(projector={
         "net.0.weight": torch.zeros(16, 64)})), "was trained with --proj-hidden 16"),
+    "checkpoint with LoRAs in some layers": (lambda t, out: with_ckpt(out, _state()), "trained in some layers only"),
     "damaged LoRAs": (lambda t, out: ["--sample-only"], "subject_lora/pytorch_lora_weights.safetensors ("),
     "no LoRAs": (lambda t, out: ["--sample-only", "--out", empty_dir(t)], "does not exist; train first"),
     "no subject folder": (lambda t, out: ["--subject", str(t / "nope")], "is not a folder"),
