@@ -1,25 +1,18 @@
 """Where a toy motion step's time goes: the three parts of one SMRABooth motion step at the toy preset (batch 4,
-9 frames of 32x32), each forward and backward, timed alone with torch's default threads (2 on a 2-core CPU).
+9 frames of 32x32), each forward and backward, timed alone (bench.timed: the median of 5 runs after one) with
+torch's default threads (2 on a 2-core CPU).
 
     python results/smrabooth/diagnosis/step_time.py
 """
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+import bench  # noqa: E402
 import smrabooth  # noqa: E402
 import toyworld  # noqa: E402
-
-
-def seconds(step, n=5):
-    step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - start) / n
 
 
 def main():
@@ -36,7 +29,8 @@ def main():
              "MoRA's VAE decode (36 frames)": lambda: vae.decode(z).sample.square().mean().backward(),
              "toy flow network (32 frame pairs)": lambda: toyworld.toy_flow(a, b).abs().mean().backward()}
     for name, step in parts.items():
-        print(f"{name}, forward and backward: {seconds(step):.2f} s  ({torch.get_num_threads()} threads)")
+        seconds = bench.timed(step, 5, 1, "cpu")
+        print(f"{name}, forward and backward: {seconds:.2f} s  ({torch.get_num_threads()} threads)")
 
 
 if __name__ == "__main__":
