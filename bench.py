@@ -261,13 +261,14 @@ def tensors_in(x):
 class SavedTensors:
     """What autograd keeps for the backward pass, seen by its saved_tensors_hooks (every saved tensor passes the
     pack hook). A storage counts once (the views of one activation are saved many times over) and the weights'
-    storages not at all (they are the weights' bytes). Each storage is charged to the blocks running when it was
-    saved (None: outside every block), and the blocks' tensor inputs are noted, for the checkpointing model below.
-    The storages stay referenced while counting, so that no freed storage's address is taken for a new one's."""
+    storages not at all (they are the weights' bytes). Each storage is charged to the block calls running when it
+    was saved, a call being (block index, how many times that block ran before: Wan's VAE runs its decoder once per
+    latent frame); None is outside every block. The calls' tensor inputs are noted, for the checkpointing model
+    below. The storages stay referenced while counting, so that no freed storage's address is taken for a new one's."""
 
     def __init__(self, weights, blocks):
-        self.weights, self.block = weights, None
-        self.storages, self.where, self.inputs = {}, {}, set()  # key -> storage; saved key -> blocks; input keys
+        self.weights, self.block, self.calls = weights, None, []
+        self.storages, self.where, self.inputs = {}, {}, {}  # key -> storage; saved key -> calls; call -> input keys
         self.hooks = [h for i, b in enumerate(blocks) for h in (
             b.register_forward_pre_hook(functools.partial(self.enter, i), with_kwargs=True),
             b.register_forward_hook(functools.partial(self.leave, i)))]
@@ -284,12 +285,14 @@ class SavedTensors:
         return t
 
     def enter(self, i, module, args, kwargs):
-        self.block = i
+        self.block = (i, sum(c[0] == i for c in self.calls))
+        self.calls.append(self.block)
+        self.inputs[self.block] = set()
         for t in tensors_in((args, kwargs)):
             s = t.untyped_storage()
             if s._cdata not in self.weights:
                 self.storages[s._cdata] = s
-                self.inputs.add(s._cdata)
+                self.inputs[self.block].add(s._cdata)
 
     def leave(self, i, module, args, out):
         self.block = None
@@ -303,17 +306,19 @@ class SavedTensors:
     def outside(self):
         return {k for k, where in self.where.items() if None in where}
 
-    def checkpointed(self):
-        """The saved bytes' peak with the blocks checkpointed (non-reentrant, as diffusers): the forward pass saves
-        nothing inside a block but keeps each block's inputs to run it again, and the backward pass holds one block's
-        recomputed activations at a time. So: what is saved outside every block, plus the blocks' inputs, plus the
-        largest block's own saved bytes. (A test checks the first two terms against a real checkpointed run.)"""
-        kept = self.outside() | self.inputs
-        per_block = {}
+    def checkpointed(self, blocks):
+        """The saved bytes' peak with the calls of the blocks numbered in `blocks` checkpointed (non-reentrant, as
+        diffusers and smrabooth.decode_checkpointed): the forward pass saves nothing inside such a call but keeps its
+        inputs to run it again, and the backward pass holds one call's recomputed activations at a time. So: what is
+        saved outside them, plus their inputs, plus the largest call's own saved bytes. (A test checks the first two
+        terms against a real checkpointed run.)"""
+        calls = {c for c in self.calls if c[0] in blocks}
+        kept = {k for k, where in self.where.items() if where - calls}.union(*(self.inputs[c] for c in calls))
+        per_call = {}
         for k, where in self.where.items():
-            for b in where - {None}:
-                per_block.setdefault(b, set()).add(k)
-        return self.nbytes(kept) + max((self.nbytes(keys - kept) for keys in per_block.values()), default=0)
+            for c in where & calls:
+                per_call.setdefault(c, set()).add(k)
+        return self.nbytes(kept) + max((self.nbytes(keys - kept) for keys in per_call.values()), default=0)
 
     def remove(self):
         for h in self.hooks:
@@ -336,19 +341,30 @@ def count_saved(loss_fn, weights, blocks):
     return loss, counter
 
 
+def decoders_of(frozen):
+    """MoRA's Wan VAE decoder among the frozen modules: smrabooth's --mora-ckpt checkpoints each of its calls, one
+    per latent frame (smrabooth.decode_checkpointed), as gradient checkpointing does the transformer's blocks."""
+    return [m.decoder for m in frozen if type(m).__name__ == "AutoencoderKLWan"]
+
+
 def estimate_step(model, loss_fn, params, frozen):
     """Bytes of one training step (forward and backward of loss_fn): weights (parameters and buffers of the model
     and the other frozen modules), AdamW's state (two moments per trainable parameter, in its dtype: fp32),
-    gradients (as the backward pass leaves them) and saved activations without and with checkpointing."""
+    gradients (as the backward pass leaves them) and saved activations, {(grad ckpt, MoRA ckpt): bytes}: without and
+    with checkpointing of the model's blocks, and of MoRA's decode where the step has one."""
     modules = [model, *frozen]
     weights = weights_of(modules)
     for m in modules:
         m.zero_grad(set_to_none=True)
-    loss, counter = count_saved(loss_fn, weights, blocks_of(model))
+    blocks, decoders = blocks_of(model), decoders_of(frozen)
+    loss, counter = count_saved(loss_fn, weights, blocks + decoders)
     loss.backward()
     grads = sum(p.grad.nbytes for m in modules for p in m.parameters() if p.grad is not None)
+    ours, decode = set(range(len(blocks))), set(range(len(blocks), len(blocks) + len(decoders)))
+    saved = {(ckpt, mora): counter.checkpointed((ours if ckpt else set()) | (decode if mora else set()))
+             for ckpt in (False, True) for mora in ((False, True) if decoders else (False,))}
     return dict(weights=sum(s.nbytes() for s in weights.values()), optimizer=2 * sum(p.nbytes for p in params),
-                grads=grads, saved=counter.total(), saved_ckpt=counter.checkpointed())
+                grads=grads, saved=saved)
 
 
 def estimate(method, tiny, device="meta"):
@@ -364,10 +380,10 @@ def estimate(method, tiny, device="meta"):
             reason = f"n/a: {type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"
             rows += [dict(row, grad_ckpt=ckpt, note=reason) for ckpt in (False, True)]
             continue
-        for ckpt in (False, True):
-            saved = b["saved_ckpt" if ckpt else "saved"]
-            rows.append(dict(row, grad_ckpt=ckpt, weights=b["weights"], optimizer=b["optimizer"], grads=b["grads"],
-                             saved=saved, total=b["weights"] + b["optimizer"] + b["grads"] + saved, note=""))
+        for (ckpt, mora), saved in sorted(b["saved"].items(), key=lambda kv: kv[0][::-1]):
+            rows.append(dict(row, setting=setting + (", --mora-ckpt" if mora else ""), grad_ckpt=ckpt,
+                             weights=b["weights"], optimizer=b["optimizer"], grads=b["grads"], saved=saved,
+                             total=b["weights"] + b["optimizer"] + b["grads"] + saved, note=""))
     return rows
 
 
@@ -395,10 +411,11 @@ def flow_loss(transformer, z0, text, shift, gen, mora=None):
     return loss
 
 
-def mora_pieces(tiny, device, frames, height, width, window):
+def mora_pieces(tiny, device, latents, window):
     """MoRA's frozen decoder and flow network: AutoencoderKLWan() and torchvision raft_large (random weights), fp32
-    as in the method; the toy world's VAE and toy flow with --tiny. ref_flow is random (B, F - 1, 2, H, W). Returns
-    flow_loss's `mora` and the frozen modules (their weights count in the estimate)."""
+    as in the method; the toy world's VAE and toy flow with --tiny. ref_flow is random (B, F - 1, 2, H, W), for the
+    clip of the latents' shape (B, C, F', h, w). Returns flow_loss's `mora` and the frozen modules (their weights
+    count in the estimate)."""
     if tiny:
         vae, flow, modules = toyworld.load_vae().to(device), toyworld.toy_flow, []
     else:
@@ -410,7 +427,8 @@ def mora_pieces(tiny, device, frames, height, width, window):
         flow = functools.partial(smrabooth.raft_flow, raft)  # as smrabooth.load_models
         modules = [raft]
     vae.eval().requires_grad_(False)
-    ref_flow = torch.randn(1, frames - 1, 2, height, width, device=device)
+    t, s = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+    ref_flow = torch.randn(1, t * (latents[2] - 1), 2, s * latents[3], s * latents[4], device=device)
     return (vae, flow, ref_flow, window), [vae, *modules]
 
 
@@ -432,7 +450,7 @@ def smrabooth_steps(tiny, device, dtype):
         z0 = torch.randn(tiny_shape if tiny else real, device=device)
         mora, frozen = None, []
         if "MoRA" in setting:  # decoded frames: 16 of the 49 at 320x576 (6-latent window), all 9 of 32x32 toy ones
-            mora, frozen = mora_pieces(tiny, device, *((9, 32, 32) if tiny else (49, 320, 576)), margs.mora_window)
+            mora, frozen = mora_pieces(tiny, device, z0.shape, margs.mora_window)
         yield setting, transformer, lambda: flow_loss(transformer, z0, text, margs.shift, gen, mora), motion, frozen
         del mora, frozen
         free()

@@ -291,12 +291,11 @@ def load_raft(path, device):
 
 
 def raft_flow(raft, a, b):
-    """Flow from frames a to b (N, 3, H, W) in [-1, 1]: the last of RAFT's 12 refinements. The weights' own preset
-    (Raft_Large_Weights.transforms(), which takes images in [0, 1]) brings the frames to RAFT's input range; it is
-    plain arithmetic, so MoRA's gradient reaches the frames."""
-    from torchvision.models.optical_flow import Raft_Large_Weights
-    a, b = Raft_Large_Weights.DEFAULT.transforms()((a.float() + 1) / 2, (b.float() + 1) / 2)
-    return raft(a, b, num_flow_updates=12)[-1]
+    """Flow from frames a to b (N, 3, H, W) in [-1, 1]: the last of RAFT's 12 refinements. RAFT takes fp32 frames in
+    [-1, 1], what the weights' own preset (Raft_Large_Weights.transforms()) makes of [0, 1] images, so the frames go
+    in as they are: the preset's normalize checks its std with a data-dependent `.any()`, which the meta device
+    (bench.py --estimate) cannot run. MoRA's gradient reaches the frames."""
+    return raft(a.float().contiguous(), b.float().contiguous(), num_flow_updates=12)[-1]
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]  # attn1 + attn2 + FFN

@@ -344,8 +344,8 @@ def test_the_real_loading_path_at_tiny_size(tiny_wan, monkeypatch):
     assert z.shape == (1, C, 3, 8, 8) and torch.isfinite(z).all()
 
 
-def test_raft_gets_the_frames_through_its_weights_preset():
-    """Our frames are in [-1, 1]; Raft_Large_Weights.transforms() takes [0, 1] and normalises to RAFT's [-1, 1]: RAFT
+def test_raft_gets_the_frames_in_its_input_range():
+    """Our frames are in [-1, 1], RAFT's input range (what Raft_Large_Weights.transforms() makes of [0, 1]): RAFT
     must see the frames unchanged (a wrong mapping halves or shifts them), with the gradient reaching the frames."""
     seen = []
     raft = lambda a, b, num_flow_updates: seen.append((a, b)) or [a[:, :2] - b[:, :2]] * num_flow_updates
