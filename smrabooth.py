@@ -8,8 +8,9 @@ reference video's flow. Both are trained in every block linear; at inference the
 subject LoRA only in Q, K and FFN.0, the motion LoRA only in V, O, FFN.0 and FFN.2, and the subject LoRA at half
 strength for the first 30% of the sampling steps.
 
-    # a real run (a large GPU: `python bench.py --estimate` puts the motion stage with MoRA at ~88 GB with --grad-ckpt,
-    # most of it the VAE decode: see --mora-ckpt, --mora-window; weights from the hub cache or local folders)
+    # a real run (`python bench.py --estimate`: the motion stage with MoRA ~45 GB with the default checkpointing of
+    # the transformer and of MoRA's decode, ~126 GB with --no-grad-ckpt --no-mora-ckpt; weights from the hub cache
+    # or local folders)
     python smrabooth.py --subject photos/ --motion dance.mp4 --prompt "a sks dog dancing on the beach at sunset" \
         --raft-weights raft_large_C_T_SKHT_V2-ff5fadd5.pth
     # the toy world on a CPU in minutes (toy backbone, bundled toy subject and motion)
@@ -76,10 +77,13 @@ def parse_args(argv=None):
     p.add_argument("--mora-alpha", type=float, default=1.0, help="alpha: weight of L_MoRA")
     p.add_argument("--mora-window", type=int, default=6, help="latent frames decoded per MoRA step (supp. 2.2: 6 = "
                                                               "21 frames, 16 kept); fewer need less memory (min. 3)")
-    p.add_argument("--mora-ckpt", action="store_true", help="recompute MoRA's VAE decode in the backward pass, "
-                                                            "latent frame by frame (memory for speed; not the paper's)")
+    p.add_argument("--mora-ckpt", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute MoRA's VAE decode in the backward pass, latent frame by latent frame (memory for "
+                        "speed; not the paper's; on by default: with --grad-ckpt it brings the motion stage to ~45 GB)")
     p.add_argument("--shift", type=float, default=3.0, help="flow shift of training sigmas and sampler (Wan 480p)")
-    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (memory for speed)")
+    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient checkpointing of the transformer's blocks (memory for speed; on by default: the "
+                        "motion stage with MoRA needs ~126 GB without it and without --mora-ckpt)")
     # sampling
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (Wan's default)")
@@ -131,9 +135,11 @@ def parse_args(argv=None):
     return args
 
 
-# the toy world: 9 frames of 32x32, its pretrained tiny Wan (flow shift 1), fewer sampling steps, a larger lr
+# the toy world: 9 frames of 32x32, its pretrained tiny Wan (flow shift 1), fewer sampling steps, a larger lr; no
+# checkpointing (its toy VAE has no causal decoder to checkpoint, and the toy needs no memory saving)
 TOY = dict(subject_size=32, motion_size=[32, 32], motion_frames=9, height=32, width=32, frames=9, fps=4,
-           max_text_len=16, proj_hidden=64, lr=1e-3, batch=4, shift=1.0, steps=20, cfg=4.0, num_samples=4)
+           max_text_len=16, proj_hidden=64, lr=1e-3, batch=4, shift=1.0, steps=20, cfg=4.0, num_samples=4,
+           grad_ckpt=False, mora_ckpt=False)
 
 
 # -----------------------------------------------------------------------------

@@ -369,6 +369,19 @@ def test_no_mora_and_sample_only_run_a_real_model_without_raft_weights(tiny_wan,
     assert (tmp_path / "run" / "result" / "008.png").is_file()
 
 
+def test_real_runs_checkpoint_the_transformer_and_moras_decode_by_default():
+    """The README's real command must fit an 80 GB GPU: bench.py --estimate puts the motion stage with MoRA at ~126 GB
+    without checkpointing, ~88 GB with the transformer's alone, ~45 GB with MoRA's decode too; --no-... turns each
+    off, and the toy world (no causal VAE to checkpoint) runs without."""
+    real = ["--subject", "s", "--motion", "m"]
+    assert sm.parse_args(real).grad_ckpt and sm.parse_args(real).mora_ckpt
+    off = sm.parse_args(real + ["--no-grad-ckpt", "--no-mora-ckpt"])
+    assert not off.grad_ckpt and not off.mora_ckpt
+    toy = sm.parse_args(["--model", "toy"])
+    assert not toy.grad_ckpt and not toy.mora_ckpt
+    assert sm.parse_args(["--model", "toy", "--grad-ckpt"]).grad_ckpt
+
+
 def test_no_mora_computes_no_reference_flow(tmp_path, monkeypatch):
     calls = []
     flow = tw.toy_flow
