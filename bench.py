@@ -120,12 +120,7 @@ def build(family, tiny, device, dtype):
     config = toyworld.FAMILIES[family]["config"] if tiny else REAL[family]["config"]
     with torch.device(device):
         model = getattr(diffusers, cls)(**config)
-    model.to(dtype)
-    keep = model._keep_in_fp32_modules or []  # as from_pretrained(torch_dtype=bf16) does: Wan's norms, rope... in fp32
-    for name, module in model.named_modules():
-        if any(k in name.split(".") for k in keep):
-            module.float()
-    return model.eval().requires_grad_(False)
+    return common.to_dtype(model, dtype).eval().requires_grad_(False)  # as from_pretrained: Wan's norms... in fp32
 
 
 def text_embeds(family, tiny, device, dtype, n=1):

@@ -39,6 +39,18 @@ def device_and_dtype(choice="auto"):
     return torch.device("cpu"), torch.float32 if choice == "auto" else getattr(torch, choice)
 
 
+def to_dtype(model, dtype):
+    """model in dtype but for the modules a diffusers model's class keeps in fp32 (_keep_in_fp32_modules: Wan's rope
+    tables, time embedder, scale_shift_table and norms), as from_pretrained(torch_dtype=dtype) loads it and its
+    pipeline runs it; a plain .to(dtype) casts those too. For models built or loaded in fp32 (the toy world's, bench's
+    random ones); from_pretrained's models already have their dtypes."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:  # by tensor name, as from_pretrained matches
+        if t.is_floating_point() and not any(k in name.split(".") for k in keep):  # (scale_shift_table is one)
+            t.data = t.data.to(dtype)
+    return model
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)

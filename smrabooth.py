@@ -251,10 +251,10 @@ def load_models(args, device, dtype):
     from hub ids / local folders, or the toy world's tiny models and stand-ins for --model toy."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     if args.model == "toy":
-        m = dict(transformer=toyworld.load_backbone("wan"), vae=toyworld.load_vae(),
-                 tokenizer=toyworld.tokenizer("t5"), text_encoder=toyworld.text_encoder("umt5"),
-                 dino=toyworld.image_encoder("dinov2"), flow=toyworld.toy_flow,  # stand-ins for DINOv2 and RAFT
-                 scheduler=FlowMatchEulerDiscreteScheduler(shift=args.shift))
+        m = dict(transformer=common.to_dtype(toyworld.load_backbone("wan"), dtype), vae=toyworld.load_vae(),
+                 tokenizer=toyworld.tokenizer("t5"), text_encoder=toyworld.text_encoder("umt5").to(dtype),
+                 dino=toyworld.image_encoder("dinov2").to(dtype), flow=toyworld.toy_flow,  # stand-ins: DINOv2, RAFT
+                 scheduler=FlowMatchEulerDiscreteScheduler(shift=args.shift))  # fp32 files, cast as the real ones load
     else:
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
         from transformers import AutoModel, AutoTokenizer, UMT5EncoderModel
@@ -269,8 +269,10 @@ def load_models(args, device, dtype):
                  scheduler=UniPCMultistepScheduler.from_pretrained(args.model, subfolder="scheduler"))
         if not (args.sample_only or args.no_mora):  # only MoRA needs the flow network
             m["flow"] = functools.partial(raft_flow, load_raft(args.raft_weights, device))
-    for k in ("transformer", "vae", "text_encoder", "dino"):  # frozen; the VAE in fp32, the rest in `dtype`
-        m[k] = m[k].to(device, torch.float32 if k == "vae" else dtype).eval().requires_grad_(False)
+    for k in ("transformer", "vae", "text_encoder", "dino"):  # frozen; the VAE in fp32, the rest in `dtype` as loaded:
+        # moved only, so that Wan keeps the modules from_pretrained keeps in fp32 (rope, time embedder, norms), as in
+        # WanPipeline
+        m[k] = m[k].to(device).eval().requires_grad_(False)
     return m
 
 

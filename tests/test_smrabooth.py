@@ -344,6 +344,24 @@ def test_the_real_loading_path_at_tiny_size(tiny_wan, monkeypatch):
     assert z.shape == (1, C, 3, 8, 8) and torch.isfinite(z).all()
 
 
+def test_bf16_wan_keeps_its_fp32_modules_as_from_pretrained_loads_them(tiny_wan):
+    """from_pretrained(torch_dtype=bf16) keeps Wan's _keep_in_fp32_modules (rope tables, time embedder,
+    scale_shift_table, norms) in fp32, and WanPipeline runs them so: load_models must not cast them to bf16, on the
+    real path nor on the toy's (whose fp32 files are cast as the real ones load). A test against the pipeline cannot
+    see it when both share the cast model: the dtypes themselves."""
+    from diffusers import WanTransformer3DModel
+    dtypes = lambda model: {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    want = dtypes(WanTransformer3DModel.from_pretrained(tiny_wan / "wan", subfolder="transformer",
+                                                        torch_dtype=torch.bfloat16))
+    fp32 = {n for n, d in want.items() if d == torch.float32}
+    assert {"rope.freqs_cos", "scale_shift_table"} <= fp32 and any(d == torch.bfloat16 for d in want.values())
+    real = sm.parse_args(["--model", str(tiny_wan / "wan"), "--dino", str(tw.ASSETS / "encoders" / "dinov2"),
+                          "--no-mora"])
+    assert dtypes(sm.load_models(real, torch.device("cpu"), torch.bfloat16)["transformer"]) == want
+    toy = dtypes(sm.load_models(sm.parse_args(["--model", "toy"]), torch.device("cpu"), torch.bfloat16)["transformer"])
+    assert {n for n, d in toy.items() if d == torch.float32} == fp32 and torch.bfloat16 in toy.values()
+
+
 def test_raft_gets_the_frames_in_its_input_range():
     """Our frames are in [-1, 1], RAFT's input range (what Raft_Large_Weights.transforms() makes of [0, 1]): RAFT
     must see the frames unchanged (a wrong mapping halves or shifts them), with the gradient reaching the frames."""
