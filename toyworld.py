@@ -549,8 +549,13 @@ def _wan_statistics(vae, z):
 
 def encode_latents(family, vae, video):
     """Clips (B, F, 3, H, W) -> the family's diffusion latents (B, C, F, h, w): the posterior mean normalised as the
-    real pipelines do, per channel with latents_mean / latents_std (Wan) or times scaling_factor (the others)."""
-    z = vae.encode(video.transpose(1, 2)).latent_dist.mode()
+    real pipelines do (`normalise_latents`)."""
+    return normalise_latents(family, vae, vae.encode(video.transpose(1, 2)).latent_dist.mode())
+
+
+def normalise_latents(family, vae, z):
+    """Raw VAE latents -> the family's: per channel with latents_mean / latents_std (Wan), times scaling_factor
+    (the others)."""
     if family == "wan":
         mean, std = _wan_statistics(vae, z)
         return (z - mean) / std
@@ -586,12 +591,72 @@ def sample(family, model, vae, text, uncond, steps=20, cfg=4.0, frames=NUM_FRAME
 # pretraining: text-to-video (and single frames) on freshly rendered clips of pretraining concepts only
 
 
+# A latent bank: real pretraining encodes its data through the VAE once, offline, and trains on the stored latents.
+# Here that is 20-40% of a clip step on the CPU (results/toyworld/README.md, "Throughput"). A bank holds the raw
+# (unnormalised) posterior means as fp16 shards with each sample's factors, so one bank serves all three families:
+# each applies its own latent normalisation at load, and draws fresh noise, timesteps and caption dropout.
+FACTOR_LISTS = dict(colour=list(COLOURS), shape=SHAPES, pattern=PATTERNS, motion=MOTIONS, background=list(BACKGROUNDS))
+
+
+def make_bank(args):
+    """Render pretraining clips and stills in seeded shards and store their toy-VAE latents (resumable: shards
+    already written are kept; each shard's content depends only on --seed and its index)."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    out, vae, fp = Path(args.out), load_vae(), vae_fingerprint()
+    vae.to(memory_format=torch.channels_last)  # ~20% faster convolutions on the CPU, the same numbers
+    n_shards = math.ceil(args.clips / args.shard)
+    todo = [k for k in range(n_shards) if not (out / f"shard_{k:05d}.safetensors").is_file()]
+    print(f"latent bank {out}: {n_shards} shards of {args.shard} clips and {args.shard} stills, {len(todo)} to write")
+    bar, t0 = tqdm(todo, disable=None), time.time()
+    for n, k in enumerate(bar):
+        gen, parts = torch.Generator().manual_seed(args.seed * 100003 + k), {}
+        for name, frames in (("clips", NUM_FRAMES), ("stills", 1)):
+            concepts = random_concepts(args.shard, gen)
+            if frames == 1:
+                concepts = [dict(c, motion="still") for c in concepts]
+            latents = []
+            for i in range(0, args.shard, 64):
+                with torch.no_grad():
+                    video = render(concepts[i:i + 64], gen, frames=frames)  # (b, F, 3, H, W), encoded frame by frame
+                    z = vae.encode(video.flatten(0, 1).contiguous(memory_format=torch.channels_last)).latent_dist
+                    latents.append(z.mode().unflatten(0, video.shape[:2]).transpose(1, 2).contiguous())
+            parts[name] = torch.cat(latents).half()
+            parts[f"{name}_factors"] = torch.tensor([[FACTOR_LISTS[f].index(c[f]) for f in FACTOR_LISTS]
+                                                     for c in concepts], dtype=torch.uint8)
+        common.save_atomic(parts, out / f"shard_{k:05d}.safetensors", lambda sd, p: save_file(sd, p, metadata=dict(
+            vae=fp, seed=str(args.seed), shard=str(k))))
+        rate = (n + 1) * args.shard / (time.time() - t0)
+        bar.write(f"shard {k} written ({n + 1} of {len(todo)}, {rate:.0f} clips/s)")
+    print(f"wrote {out} ({n_shards * args.shard} clips and as many stills)")
+
+
+def load_bank(folder):
+    """All shards of a bank: {clips, stills} -> (latents fp16, concepts); refuses a bank of another toy VAE."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    files = sorted(Path(folder).glob("shard_*.safetensors"))
+    if not files:
+        common.fail(f"--bank: no shard_*.safetensors in {folder} (python toyworld.py make-bank --out {folder})")
+    with safe_open(str(files[0]), "pt") as f:
+        if f.metadata().get("vae") != vae_fingerprint():
+            common.fail(f"--bank: {folder} was encoded by another toy VAE than {vae_path()}; make it again")
+    shards = [load_file(str(f)) for f in files]
+    bank = {}
+    for name in ("clips", "stills"):
+        factors = torch.cat([sh[f"{name}_factors"] for sh in shards]).tolist()
+        bank[name] = (torch.cat([sh[name] for sh in shards]),
+                      [{f: FACTOR_LISTS[f][i] for f, i in zip(FACTOR_LISTS, row)} for row in factors])
+    return bank
+
+
 def export_backbone(model, ema, path, args, step, seen):
     """The EMA weights as one safetensors file, with everything needed to rebuild and reproduce them."""
     from safetensors.torch import save_file
     meta = dict(family=args.family, config=json.dumps(model.config), seed=str(args.seed), steps=str(step),
                 samples_seen=str(seen), batch=str(args.batch), lr=str(args.lr), ema=str(args.ema),
-                image_every=str(args.image_every), cfg_drop=str(args.cfg_drop), vae=vae_fingerprint())
+                image_every=str(args.image_every), cfg_drop=str(args.cfg_drop), vae=vae_fingerprint(),
+                bank=str(args.bank or ""))
     ema.store(model.parameters()), ema.copy_to(model.parameters())  # the EMA weights, for the export only
     common.save_atomic({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, path,
                        lambda sd, p: save_file(sd, p, metadata=meta))
@@ -640,20 +705,29 @@ def pretrain(args):
           f"parameters, from step {step} to {args.steps}, batch {args.batch}")
     tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
     cache, sched, vae = {}, noise_schedule(args.family), load_vae().to(dev)
+    bank = load_bank(args.bank) if args.bank else None
+    if bank:
+        print(f"drawing from the latent bank {args.bank}: {len(bank['clips'][1])} clips and as many stills")
     log = common.StepLog(ckpt.parent / "log.jsonl", every=args.log_every, append=args.resume)
 
     bar = tqdm(total=args.steps, initial=step, disable=None)
     t0, first = time.time(), step
     while step < args.steps:
         image = args.image_every > 0 and step % args.image_every == 0  # single frames teach appearance alone
-        concepts = random_concepts(args.batch, gen)
-        video = render([dict(c, motion="still") for c in concepts] if image else concepts, gen,
-                       frames=1 if image else NUM_FRAMES)
+        if bank:  # shuffled draws (with replacement) of stored latents
+            latents, all_concepts = bank["stills" if image else "clips"]
+            pick = torch.randint(len(all_concepts), (args.batch,), generator=gen)
+            concepts = [all_concepts[i] for i in pick.tolist()]
+            z0 = normalise_latents(args.family, vae, latents[pick].float())
+        else:  # render and encode fresh clips
+            concepts = random_concepts(args.batch, gen)
+            video = render([dict(c, motion="still") for c in concepts] if image else concepts, gen,
+                           frames=1 if image else NUM_FRAMES)
+            with torch.no_grad():
+                z0 = encode_latents(args.family, vae, video.to(dev)).cpu()
         drop = torch.rand(args.batch, generator=gen) < args.cfg_drop  # empty prompts, for guidance
         prompts = ["" if d else caption(c, image=image) for c, d in zip(concepts, drop)]
         text = common.encode_prompts(tok, enc, prompts, MAX_TOKENS, fam["zero_pad"], cache)
-        with torch.no_grad():
-            z0 = encode_latents(args.family, vae, video.to(dev)).cpu()
         noise = torch.randn(z0.shape, generator=gen)
         t = sample_timesteps(args.family, args.batch, gen)
         z_t, target = common.noisy_and_target(fam["pred"], z0, noise, t, getattr(sched, "alphas_cumprod", None))
@@ -784,6 +858,36 @@ def classify_motion(traj):
     gen = torch.Generator().manual_seed(0)
     score = {m: max(motion_score(traj, t) for t in trajectory(m, 16, gen, len(traj))) for m in MOTIONS if m != "still"}
     return max(score, key=score.get)
+
+
+def direction_followed(traj, motion):
+    """For a straight motion word, whether the sprite's net displacement (last found centre minus first) points
+    the way the word says; None for other words or with fewer than two frames with a sprite. A backbone that knows
+    the axis but not which way time runs gets about half of these."""
+    if motion not in ("left", "right", "up", "down"):
+        return None
+    found = traj[~torch.isnan(traj[:, 0])]
+    if len(found) < 2:
+        return None
+    axis, sign = (0 if motion in ("left", "right") else 1), (-1 if motion in ("left", "up") else 1)
+    return bool(sign * (found[-1, axis] - found[0, axis]) > 0)
+
+
+def motion_report(videos, concepts):
+    """Per asked motion word: how often each word was recognised (a confusion row) and, for straight motions, the
+    fraction whose net displacement goes the right way (`direction_followed`)."""
+    rows = {}
+    for v, c in zip(videos, concepts):
+        traj = centroids(segment(v)[1])
+        row = rows.setdefault(c["motion"], dict(n=0, got={}, right_way=[]))
+        got = classify_motion(traj)
+        row["n"], row["got"][got] = row["n"] + 1, row["got"].get(got, 0) + 1
+        if (ok := direction_followed(traj, c["motion"])) is not None:
+            row["right_way"].append(ok)
+    for row in rows.values():
+        way = row.pop("right_way")
+        row["direction"] = sum(way) / len(way) if way else None
+    return dict(sorted(rows.items()))
 
 
 def background_noise(video):
@@ -1113,6 +1217,13 @@ def cmd_eval_base(args):
     videos = torch.cat(videos)
     hits = [prompt_following(v, c) for v, c in zip(videos, concepts)]
     result = {k: sum(h[k] for h in hits) / len(hits) for k in hits[0] if not (image and k == "motion")}
+    if not image:  # which word each asked motion was read as, and whether straight motions go the right way
+        report = motion_report(videos[:len(concepts)], concepts)
+        way = [(r["direction"], r["n"]) for r in report.values() if r["direction"] is not None]
+        result["direction"] = sum(d * n for d, n in way) / sum(n for _, n in way) if way else float("nan")
+        for m, r in report.items():
+            print(f"  {m:6s} x{r['n']:<2d} read as " + ", ".join(f"{k} {n}" for k, n in sorted(r["got"].items()))
+                  + (f"; right way {r['direction']:.2f}" if r["direction"] is not None else ""))
     if n_novel:
         images, _ = subject_images()
         novel = [evaluate(v, images, motion_clip()) for v in videos[len(concepts):]]
@@ -1128,7 +1239,8 @@ def cmd_eval_base(args):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(result, family=args.family, n=args.n, frames=args.frames,
-                                                   steps=args.steps, cfg=args.cfg, seed=args.seed), indent=2))
+                                                   steps=args.steps, cfg=args.cfg, seed=args.seed,
+                                                   **({} if image else dict(motions=report))), indent=2))
     return result
 
 
@@ -1153,6 +1265,12 @@ def main(argv=None):
     pt.add_argument("--resume", action="store_true", help="continue from --ckpt, else from the exported weights")
     pt.add_argument("--log-every", type=int, default=50)
     pt.add_argument("--save-every", type=int, default=500)
+    pt.add_argument("--bank", help="train on the latents stored by make-bank in this folder (else render and encode)")
+    mb = sub.add_parser("make-bank", help="render pretraining clips and stills once and store their VAE latents")
+    mb.add_argument("--out", default="out/bank", help="folder of fp16 shards (never committed)")
+    mb.add_argument("--clips", type=int, default=100000, help="clips in the bank (and as many stills)")
+    mb.add_argument("--shard", type=int, default=2048, help="clips per shard")
+    mb.add_argument("--seed", type=int, default=0, help="shard k is drawn from seed * 100003 + k")
     ev = sub.add_parser("eval", help="toy metrics of generated clips (PNG-frame folders or videos)")
     ev.add_argument("videos", nargs="+")
     ev.add_argument("--subject", default=str(ASSETS / "toy" / "subject"))
@@ -1197,6 +1315,8 @@ def main(argv=None):
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     if args.cmd == "pretrain":
         return pretrain(args)
+    if args.cmd == "make-bank":
+        return make_bank(args)
     if args.cmd == "eval":
         return cmd_eval(args)
     if args.cmd == "eval-base":

@@ -394,3 +394,50 @@ def test_toy_preset_keeps_every_flag_given_even_at_its_default():
         tw.apply_preset(args, p, argv, dict(lr=1e-3, steps=20))
         assert (args.lr, args.steps) == want, argv
         assert args.subject.endswith("subject") and args.motion.endswith("motion")
+
+
+def test_latent_bank_keeps_each_samples_factors_and_serves_every_family(tmp_path, capsys):
+    """make-bank stores raw VAE latents with their factors (resumable: written shards are kept); decoded with any
+    family's normalisation they show what their factors say, and pretrain --bank trains on them."""
+    bank = tmp_path / "bank"
+    tw.main(["make-bank", "--out", str(bank), "--clips", "8", "--shard", "4"])
+    first = (bank / "shard_00000.safetensors").stat().st_mtime_ns
+    tw.main(["make-bank", "--out", str(bank), "--clips", "12", "--shard", "4"])  # one more shard, the others kept
+    assert (bank / "shard_00000.safetensors").stat().st_mtime_ns == first and "1 to write" in capsys.readouterr().out
+    data, vae = tw.load_bank(bank), tw.load_vae()
+    (clips, concepts), (stills, still_concepts) = data["clips"], data["stills"]
+    assert clips.shape == (12, 8, 9, 8, 8) and stills.shape == (12, 8, 1, 8, 8) and clips.dtype == torch.float16
+    assert {c["motion"] for c in still_concepts} == {"still"} and not any(tw.is_heldout_combo(c) for c in concepts)
+    for family in ("wan", "cogvideox"):
+        videos = tw.decode_latents(family, vae, tw.normalise_latents(family, vae, clips[:4].float()))
+        assert all(all(tw.prompt_following(v, c).values()) for v, c in zip(videos, concepts[:4])), family
+    out = tmp_path / "wan.safetensors"
+    tw.main(["pretrain", "--family", "wan", "--batch", "4", "--steps", "2", "--image-every", "2", "--bank", str(bank),
+             "--out", str(out), "--ckpt", str(tmp_path / "ckpt.pt")])
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["bank"] == str(bank) and f.metadata()["samples_seen"] == "8"
+
+
+def test_a_bank_of_another_vae_is_refused(tmp_path):
+    from safetensors.torch import save_file
+    (tmp_path / "bank").mkdir()
+    save_file({"clips": torch.zeros(1, 8, 9, 8, 8)}, str(tmp_path / "bank" / "shard_00000.safetensors"),
+              metadata=dict(vae="0123456789abcdef"))
+    with pytest.raises(common.InputError, match="another toy VAE"):
+        tw.load_bank(tmp_path / "bank")
+
+
+def test_motion_report_reads_each_word_and_which_way_it_goes():
+    """eval-base's per-motion rows: rendered clips are read as their own word and go the right way; the same clips
+    played backwards go the wrong way (a backbone that knows the axis but not time's direction scores ~0.5)."""
+    gen = torch.Generator().manual_seed(0)
+    concepts = [dict(c, motion=m) for m in tw.PRE_MOTIONS for c in tw.random_concepts(2, gen)]
+    clips = tw.render(concepts, gen)
+    report = tw.motion_report(clips, concepts)
+    assert set(report) == set(tw.PRE_MOTIONS)
+    assert all(r["got"] == {m: 2} for m, r in report.items()), report
+    assert all(report[m]["direction"] == 1.0 for m in ("left", "right", "up", "down"))
+    assert report["circle"]["direction"] is None and report["still"]["direction"] is None
+    backwards = tw.motion_report(clips.flip(1), concepts)
+    assert all(backwards[m]["direction"] == 0.0 for m in ("left", "right", "up", "down")), backwards
