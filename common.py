@@ -6,6 +6,7 @@ noise/target arithmetic of the three prediction types, peft LoRA helpers, atomic
 line, sample writing (mp4, gif, lossless PNG frames, side-by-side grid), and the CogVideoX pieces dualreal.py and
 dual_task_sdv.py share (loading, latents, rotary, v-loss, sampler loop).
 """
+import functools
 import json
 import math
 import os
@@ -34,7 +35,8 @@ def device_and_dtype(choice="auto"):
     --dtype overrides. Trainable parameters stay fp32 anyway."""
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-        auto = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        # bf16 hardware only: by default is_bf16_supported() also counts the emulation pre-Ampere GPUs (V100, T4) offer
+        auto = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
         return torch.device("cuda"), auto if choice == "auto" else getattr(torch, choice)
     return torch.device("cpu"), torch.float32 if choice == "auto" else getattr(torch, choice)
 
@@ -386,7 +388,20 @@ def add_lora(model, name, rank, targets, alpha=None, dropout=0.0, **extra):
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         model.add_adapter(cfg, adapter_name=name)
     cast_training_params(model)  # the trainable parameters (this adapter's) to fp32, over frozen bf16 weights
+    for _, layer in lora_layers(model):  # peft casts each LoRA input up to the fp32 weights and autograd keeps that
+        # copy (~30 of SMRABooth's 88 GB by bench.py --estimate): compute in the activations' dtype instead, with the
+        # fp32 weights cast at use (their gradients still arrive in fp32), as jointtuner's AdaptiveLoRA. Linears only:
+        # a LoRA'd conv (dual_task_sdv's patch_embed.proj, on small latents) keeps peft's way
+        if name in layer.lora_A and isinstance(layer.lora_A[name], torch.nn.Linear):
+            layer.cast_input_dtype_enabled = False
+            for linear in (layer.lora_A[name], layer.lora_B[name]):
+                linear.forward = functools.partial(linear_in_input_dtype, linear)
     return [p for n, p in model.named_parameters() if f".{name}." in n]
+
+
+def linear_in_input_dtype(linear, x):
+    """nn.Linear's forward in x's dtype: its (fp32) weight and bias cast at use."""
+    return F.linear(x, linear.weight.to(x.dtype), None if linear.bias is None else linear.bias.to(x.dtype))
 
 
 def lora_layers(model):

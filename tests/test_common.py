@@ -132,6 +132,25 @@ def test_lora_weights_train_in_fp32_over_bf16_weights():
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "lora" not in n)
 
 
+def test_lora_computes_in_the_activations_dtype_on_fp32_weights():
+    """peft casts each LoRA input up to the fp32 LoRA weights and autograd keeps that copy (~30 of SMRABooth's 88 GB by
+    bench.py --estimate): common.add_lora's LoRA computes in the bf16 activations on its fp32 weights, cast at use,
+    and their gradients arrive in fp32."""
+    model = common.to_dtype(tw.build_backbone("wan"), torch.bfloat16)
+    params = common.add_lora(model, "subject", 4, ["to_q", "ffn.net.2"])
+    for p in params:  # lora_B starts at zero: random weights, so that every LoRA weight gets a gradient
+        torch.nn.init.normal_(p)
+    seen = []
+    for _, layer in common.lora_layers(model):
+        for linear in (layer.lora_A["subject"], layer.lora_B["subject"]):
+            linear.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
+    x = torch.randn(1, tw.LATENT_CHANNELS, 1, 8, 8, dtype=torch.bfloat16)
+    out = model(x, torch.tensor([500.0]), torch.randn(1, 16, 32, dtype=torch.bfloat16), return_dict=False)[0]
+    out.float().square().mean().backward()
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert all(p.dtype == p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in params)
+
+
 def test_lora_scales_per_layer_and_save_load(tmp_path):
     from diffusers import WanPipeline
     model = tw.build_backbone("wan")
@@ -194,6 +213,20 @@ def test_bf16_only_where_the_gpu_supports_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert common.device_and_dtype() == (torch.device("cpu"), torch.float32)
     assert common.device_and_dtype("bfloat16")[1] == torch.bfloat16  # the CPU bf16 test path
+
+
+@pytest.mark.parametrize("major, want", [(7, torch.float32), (8, torch.bfloat16)])
+def test_bf16_emulation_does_not_count(monkeypatch, major, want):
+    """torch.cuda.is_bf16_supported() itself, on a pre-Ampere GPU (a V100 is 7.0, a T4 7.5) that emulates bf16: by
+    default it says True there (it makes a bf16 tensor); the frozen weights must still be fp32."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    assert torch.cuda.is_bf16_supported()  # what the default counts
+    assert common.device_and_dtype() == (torch.device("cuda"), want)
 
 
 def test_images_of_any_mode_and_bit_depth_become_8_bit_rgb(tmp_path):
