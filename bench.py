@@ -79,7 +79,8 @@ SETTINGS = {
     "smrabooth": [("LoRA 49x480x832", (1, 16, 13, 60, 104), (1, 8, 9, 8, 8)),
                   ("motion+MoRA 49x320x576", (1, 16, 13, 40, 72), (1, 8, 9, 8, 8))],
     "jointtuner": [("AiT 16x384x384", (1, 4, 16, 48, 48), (1, 8, 9, 8, 8))],
-    "dualreal": [("v-loss 49x480x720", (1, 13, 16, 60, 90), (1, 9, 8, 8, 8))],
+    # DualReal's motion step: --motion-batch clips (3 by default, the official code's) of these latents each
+    "dualreal": [("v-loss, 3 clips of 49x480x720", (1, 13, 16, 60, 90), (1, 9, 8, 8, 8))],
     # the dual-task trainer encodes pixels in its step: clips (B, F, 3, H, W), subject-image pairs (B, 3, H, W); per
     # pass and GPU its default micro-batches (--video-micro 1, --pair-micro 8; the toy preset's 2 and 4)
     "dual_task_sdv": [("I2V video 49x480x720", (1, 49, 3, 480, 720), (2, 9, 3, 32, 32)),
@@ -170,13 +171,24 @@ def train_step(loss_fn, opt):
     opt.step()
 
 
+def set_checkpointing(model, on):
+    """Gradient checkpointing of the model's blocks on or off: diffusers' switch where the model offers it, else as
+    jointtuner's --grad-ckpt does it by hand (diffusers' UNet3DConditionModel offers none); off, the blocks get their
+    own forward back."""
+    if model._supports_gradient_checkpointing:
+        model.enable_gradient_checkpointing() if on else model.disable_gradient_checkpointing()
+    elif on:
+        jointtuner.checkpoint_blocks(model)
+    else:
+        for block in blocks_of(model):
+            vars(block).pop("forward", None)
+
+
 def measure_training(model, loss_fn, params, args, device):
     """[(grad_ckpt, step_s, peak_mem_gb, tflops)] for gradient checkpointing off and on; 'OOM' where it runs out."""
     out = []
-    if not model._supports_gradient_checkpointing:  # diffusers' UNet3DConditionModel: not offered
-        out.append((True, "n/a", "n/a", None))
-    for ckpt in (False, True) if model._supports_gradient_checkpointing else (False,):
-        model.enable_gradient_checkpointing() if ckpt else model.disable_gradient_checkpointing()
+    for ckpt in (False, True):
+        set_checkpointing(model, ckpt)
         opt = torch.optim.AdamW(params, lr=1e-4)
         try:
             if device == "cuda":
@@ -189,9 +201,8 @@ def measure_training(model, loss_fn, params, args, device):
             out.append((ckpt, "OOM", "OOM", None))
         del opt
         free()
-    if model._supports_gradient_checkpointing:
-        model.disable_gradient_checkpointing()
-    return sorted(out, key=lambda r: r[0])
+    set_checkpointing(model, False)
+    return out
 
 
 def measure_sampling(ours, pipeline, args, device):
@@ -475,11 +486,12 @@ def dualreal_steps(tiny, device, dtype):
     with torch.device(device):
         dr = dualreal.add_dualreal(transformer, margs.rank, margs.groups, margs.blend_scale,
                                    not margs.no_controller, cond_dim, margs.controller_dim)
-    dr.c = torch.randn(1, cond_dim, device=device)  # a motion step: the clip's condition c is on
+    b = margs.motion_batch  # a motion step of the default batch: each clip with its condition c
+    dr.c = torch.randn(b, cond_dim, device=device)
     scheduler = toyworld.noise_schedule("cogvideox")  # CogVideoX's v-prediction DDIM config
-    text, gen = text_embeds("cogvideox", tiny, device, dtype), torch.Generator().manual_seed(0)
+    text, gen = text_embeds("cogvideox", tiny, device, dtype).expand(b, -1, -1), torch.Generator().manual_seed(0)
     setting, real, tiny_shape = SETTINGS["dualreal"][0]
-    z0 = torch.randn(tiny_shape if tiny else real, device=device)
+    z0 = torch.randn(b, *(tiny_shape if tiny else real)[1:], device=device)
     loss_fn = lambda: dualreal.v_loss(transformer, z0, text, scheduler.alphas_cumprod, gen)
     yield setting, transformer, loss_fn, list(dr.parameters()), [dr]
 
@@ -594,8 +606,9 @@ def bench_jointtuner(args, device, dtype):
 
 def bench_dualreal(args, device, dtype):
     from diffusers import CogVideoXPipeline
-    (setting, transformer, loss_fn, params, _), = dualreal_steps(args.tiny, device, dtype)
+    (setting, transformer, loss_fn, params, (dr,)), = dualreal_steps(args.tiny, device, dtype)
     training = measure_training(transformer, loss_fn, params, args, device)
+    dr.c = dr.c[:1]  # sampling one video: one condition
     margs = dualreal.parse_args([])
     text, uncond = (text_embeds("cogvideox", args.tiny, device, dtype) for _ in range(2))
     noise = torch.randn(SETTINGS["dualreal"][0][2 if args.tiny else 1], device=device)
