@@ -9,7 +9,7 @@ subject LoRA only in Q, K and FFN.0, the motion LoRA only in V, O, FFN.0 and FFN
 strength for the first 30% of the sampling steps.
 
     # a real run (`python bench.py --estimate`: the motion stage with MoRA ~45 GB with the default checkpointing of
-    # the transformer and of MoRA's decode, ~126 GB with --no-grad-ckpt --no-mora-ckpt; weights from the hub cache
+    # the transformer and of MoRA's decode, ~112 GB with --no-grad-ckpt --no-mora-ckpt; weights from the hub cache
     # or local folders)
     python smrabooth.py --subject photos/ --motion dance.mp4 --prompt "a sks dog dancing on the beach at sunset" \
         --raft-weights raft_large_C_T_SKHT_V2-ff5fadd5.pth
@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--shift", type=float, default=3.0, help="flow shift of training sigmas and sampler (Wan 480p)")
     p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing of the transformer's blocks (memory for speed; on by default: the "
-                        "motion stage with MoRA needs ~126 GB without it and without --mora-ckpt)")
+                        "motion stage with MoRA needs ~112 GB without it and without --mora-ckpt)")
     # sampling
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (Wan's default)")
@@ -247,29 +247,28 @@ def check_motion_frames(args):
 
 
 def load_models(args, device, dtype):
-    """Wan2.1 (transformer, VAE, UMT5 and its tokenizer, the sampler), DINOv2 and the flow network: the real ones
-    from hub ids / local folders, or the toy world's tiny models and stand-ins for --model toy."""
+    """Wan2.1 (transformer, VAE, UMT5 and its tokenizer, the sampler) and the flow network: the real ones from hub
+    ids / local folders, or the toy world's tiny models and stand-ins for --model toy. DINOv2: load_dino."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     if args.model == "toy":
         m = dict(transformer=common.to_dtype(toyworld.load_backbone("wan"), dtype), vae=toyworld.load_vae(),
                  tokenizer=toyworld.tokenizer("t5"), text_encoder=toyworld.text_encoder("umt5").to(dtype),
-                 dino=toyworld.image_encoder("dinov2").to(dtype), flow=toyworld.toy_flow,  # stand-ins: DINOv2, RAFT
-                 scheduler=FlowMatchEulerDiscreteScheduler(shift=args.shift))  # fp32 files, cast as the real ones load
+                 flow=toyworld.toy_flow,  # a stand-in for RAFT; fp32 files, cast as the real ones load
+                 scheduler=FlowMatchEulerDiscreteScheduler(shift=args.shift))
     else:
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-        from transformers import AutoModel, AutoTokenizer, UMT5EncoderModel
+        from transformers import AutoTokenizer, UMT5EncoderModel
         m = dict(transformer=WanTransformer3DModel.from_pretrained(args.model, subfolder="transformer",
                                                                    torch_dtype=dtype),
                  vae=AutoencoderKLWan.from_pretrained(args.model, subfolder="vae", torch_dtype=torch.float32),
                  tokenizer=AutoTokenizer.from_pretrained(args.model, subfolder="tokenizer"),
                  text_encoder=UMT5EncoderModel.from_pretrained(args.model, subfolder="text_encoder",
                                                                torch_dtype=dtype),
-                 dino=AutoModel.from_pretrained(args.dino, torch_dtype=dtype),
                  # real Wan samples with UniPC on flow sigmas (deterministic); the flow_shift is the model's own
                  scheduler=UniPCMultistepScheduler.from_pretrained(args.model, subfolder="scheduler"))
         if not (args.sample_only or args.no_mora):  # only MoRA needs the flow network
             m["flow"] = functools.partial(raft_flow, load_raft(args.raft_weights, device))
-    for k in ("transformer", "vae", "text_encoder", "dino"):  # frozen; the VAE in fp32, the rest in `dtype` as loaded:
+    for k in ("transformer", "vae", "text_encoder"):  # frozen; the VAE in fp32, the rest in `dtype` as loaded:
         # moved only, so that Wan keeps the modules from_pretrained keeps in fp32 (rope, time embedder, norms), as in
         # WanPipeline
         m[k] = m[k].to(device).eval().requires_grad_(False)
@@ -391,6 +390,27 @@ def sura_loss(tokens, projector, target):
     """L_SuRA = -(1/N) sum_n cos(h_phi(z_t^1)[n], y*[n]) between projected block-0 tokens (B, N, dim) and
     DINOv2 patch tokens (B, N, D) on the same grid (sec. 3, "Subject Representation Alignment")."""
     return -F.cosine_similarity(projector(tokens.float()), target.float(), dim=-1).mean()
+
+
+def load_dino(args, device, dtype):
+    """SuRA's frozen encoder, DINOv2 (the toy world's stand-in for --model toy). Only runs where SuRA trains, and only
+    for sura_targets, once: DINOv2-giant is ~2 GB in bf16, so it is not kept for the motion stage or sampling."""
+    if args.model == "toy":
+        dino = toyworld.image_encoder("dinov2").to(dtype)
+    else:
+        from transformers import AutoModel
+        dino = AutoModel.from_pretrained(args.dino, torch_dtype=dtype)
+    return dino.to(device).eval().requires_grad_(False)
+
+
+def sura_targets(args, state, transformer, images, grid, dtype):
+    """SuRA's DINOv2 targets of the photos and its projector h_phi where this run trains SuRA (not --no-sura, not
+    resumed in the motion stage), else (None, None): DINOv2 is loaded only then, and freed on return."""
+    if args.no_sura or state["stage"] != "subject":
+        return None, None
+    targets = dino_targets(load_dino(args, images.device, dtype), images, grid)
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    return targets, Projector(dim, args.proj_hidden, targets.shape[-1]).to(images.device)
 
 
 @torch.no_grad()
@@ -580,7 +600,7 @@ def save_state(out, m, stage, step, opt=None, gen=None, extra=None):
     state = dict(stage=stage, step=step, opt=opt and opt.state_dict(), gen=gen and gen.get_state(),
                  rng=common.rng_state(),
                  lora={n: get_peft_model_state_dict(m["transformer"], adapter_name=n) for n in ("subject", "motion")},
-                 projector=extra["projector"].state_dict() if extra and "projector" in extra else None)
+                 projector=extra["projector"].state_dict() if extra and extra.get("projector") else None)
     common.save_atomic(state, out / "ckpt.pt")
 
 
@@ -607,7 +627,7 @@ def load_state(state, m, projector):
     from peft.utils import set_peft_model_state_dict
     for name, sd in state["lora"].items():
         set_peft_model_state_dict(m["transformer"], sd, adapter_name=name)
-    if state["projector"] is not None:
+    if state["projector"] is not None and projector is not None:
         projector.load_state_dict(state["projector"])
     common.set_rng_state(state["rng"])
 
@@ -689,7 +709,8 @@ def main(argv=None):
     images, masks, videos, prompts = read_inputs(args)
     if args.model != "toy":
         common.check_pretrained(args.model, "--model")
-        common.check_pretrained(args.dino, "--dino", "config.json")
+        if not (args.sample_only or args.no_sura):  # only SuRA needs DINOv2
+            common.check_pretrained(args.dino, "--dino", "config.json")
         if not (args.sample_only or args.no_mora):  # only MoRA needs the flow network and a long enough clip
             check_raft_weights(args.raft_weights)
             check_motion_frames(args)
@@ -725,9 +746,7 @@ def main(argv=None):
         vid_lat = encode_video(m["vae"], videos.to(device))
         grid = (img_lat.shape[-2] // transformer.config.patch_size[1],
                 img_lat.shape[-1] // transformer.config.patch_size[2])
-        dino = dino_targets(m["dino"], images.to(device), grid)
-        projector = Projector(transformer.config.num_attention_heads * transformer.config.attention_head_dim,
-                              args.proj_hidden, dino.shape[-1]).to(device)
+        dino, projector = sura_targets(args, state, transformer, images.to(device), grid, dtype)
         ref_flow = None if args.no_mora else reference_flows(m["flow"], videos.to(device))
         if args.resume:
             load_state(state, m, projector)
@@ -735,8 +754,9 @@ def main(argv=None):
         preview = lambda stage, step: common.write_preview(out, step, generate(m, text, args, 1)[0], args.fps,
                                                            toy=args.model == "toy", stage=stage)
         if state["stage"] == "subject":
-            train_stage("subject", m, img_lat, text["subject"], args, subject_params + list(projector.parameters()),
-                        state, out, dict(masks=masks.to(device), dino=dino, projector=projector), preview)
+            train_stage("subject", m, img_lat, text["subject"], args,
+                        subject_params + (list(projector.parameters()) if projector else []), state, out,
+                        dict(masks=masks.to(device), dino=dino, projector=projector), preview)
             save_lora(m, "subject", out)
             state = dict(stage="motion", step=0)
             save_state(out, m, "motion", 0)

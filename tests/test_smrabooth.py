@@ -388,8 +388,8 @@ def test_no_mora_and_sample_only_run_a_real_model_without_raft_weights(tiny_wan,
 
 
 def test_real_runs_checkpoint_the_transformer_and_moras_decode_by_default():
-    """The README's real command must fit an 80 GB GPU: bench.py --estimate puts the motion stage with MoRA at ~126 GB
-    without checkpointing, ~88 GB with the transformer's alone, ~45 GB with MoRA's decode too; --no-... turns each
+    """The README's real command must fit an 80 GB GPU: bench.py --estimate puts the motion stage with MoRA at ~112 GB
+    without checkpointing, ~87 GB with the transformer's alone, ~45 GB with MoRA's decode too; --no-... turns each
     off, and the toy world (no causal VAE to checkpoint) runs without."""
     real = ["--subject", "s", "--motion", "m"]
     assert sm.parse_args(real).grad_ckpt and sm.parse_args(real).mora_ckpt
@@ -398,6 +398,30 @@ def test_real_runs_checkpoint_the_transformer_and_moras_decode_by_default():
     toy = sm.parse_args(["--model", "toy"])
     assert not toy.grad_ckpt and not toy.mora_ckpt
     assert sm.parse_args(["--model", "toy", "--grad-ckpt"]).grad_ckpt
+
+
+def test_dinov2_loads_only_where_sura_trains_and_is_freed(monkeypatch):
+    """DINOv2-giant is ~2 GB in bf16: it is loaded only for SuRA's targets (not under --no-sura, not when resuming in
+    the motion stage; --sample-only never gets there) and not kept once they are computed."""
+    import gc
+    import weakref
+    loaded, load = [], sm.load_dino
+
+    def watched(*a):
+        dino = load(*a)
+        loaded.append(weakref.ref(dino))
+        return dino
+    monkeypatch.setattr(sm, "load_dino", watched)
+    transformer, images = tw.build_backbone("wan"), torch.zeros(2, 3, 32, 32)
+    toy = lambda *flags: sm.parse_args(["--model", "toy", *flags])
+    targets, projector = sm.sura_targets(toy(), dict(stage="subject"), transformer, images, (8, 8), torch.float32)
+    assert targets.shape[:2] == (2, 64) and projector(torch.zeros(1, 64)).shape[-1] == targets.shape[-1]
+    gc.collect()
+    assert len(loaded) == 1 and loaded[0]() is None  # freed
+    for args, stage in ((toy("--no-sura"), "subject"), (toy(), "motion")):
+        assert sm.sura_targets(args, dict(stage=stage), transformer, images, (8, 8), torch.float32) == (None, None)
+    assert len(loaded) == 1
+    assert "dino" not in sm.load_models(toy(), torch.device("cpu"), torch.float32)
 
 
 def test_no_mora_computes_no_reference_flow(tmp_path, monkeypatch):
@@ -423,13 +447,23 @@ def test_motion_frames_that_the_window_cannot_use_end_with_one_line(tiny_wan, tm
 
 
 def test_toy_run_with_bf16_frozen_weights(tmp_path, monkeypatch):
-    """bf16-only bugs show on the CPU: the frozen transformer, text encoder and DINOv2 in bf16, the VAE in fp32."""
-    loaded, load = [], sm.load_models
+    """bf16-only bugs show on the CPU: the frozen transformer, text encoder and DINOv2 in bf16, the VAE in fp32; the
+    LoRA computes in the activations' bf16 (common.add_lora), not on an fp32 copy of each input."""
+    loaded, load, seen, add = [], sm.load_models, set(), sm.add_loras
     monkeypatch.setattr(sm, "load_models", lambda *a: loaded.append(load(*a)) or loaded[-1])
+
+    def add_and_watch(transformer, args):  # the dtype each LoRA computes in, training and sampling
+        params = add(transformer, args)
+        for _, layer in common.lora_layers(transformer):
+            for linear in (*layer.lora_A.values(), *layer.lora_B.values()):
+                linear.register_forward_hook(lambda mod, inp, out: seen.add((inp[0].dtype, out.dtype)))
+        return params
+    monkeypatch.setattr(sm, "add_loras", add_and_watch)
     metrics = sm.main(FAST + ["--subject-steps", "2", "--motion-steps", "2", "--num-samples", "1", "--dtype",
                               "bfloat16", "--out", str(tmp_path / "run")])
     m, = loaded
-    assert m["transformer"].dtype == m["dino"].dtype == torch.bfloat16 and m["vae"].dtype == torch.float32
+    assert seen == {(torch.bfloat16, torch.bfloat16)}
+    assert m["transformer"].dtype == torch.bfloat16 and m["vae"].dtype == torch.float32
     lora = [p for n, p in m["transformer"].named_parameters() if ".motion." in n]
     assert lora and all(p.dtype == torch.float32 for p in lora)  # trainable parameters stay fp32
     assert all(v == v for v in metrics.values())  # no NaN
