@@ -196,8 +196,9 @@ def skip(what, reason, bad, total, max_bad):
 
 
 def read_pairs(folder, max_bad):
-    """[(ref path, target path, prompt)] from FOLDER/pairs.jsonl: {"ref", "target", "prompt"} per line, or
-    {"image", "prompt"} for a side-by-side composite (Subject200K; ref == target path marks it)."""
+    """[(ref path, target path, prompt, composite)] from FOLDER/pairs.jsonl: {"ref", "target", "prompt"} per line,
+    or {"image", "prompt"} for a side-by-side composite (Subject200K; composite True). A pair whose ref and target are
+    one file is a self-pair, not a composite."""
     folder, good, bad = Path(folder), [], []
     if not (folder / "pairs.jsonl").is_file():
         common.fail(f"--pairs {folder} has no pairs.jsonl (one {{\"ref\", \"target\", \"prompt\"}} per line)")
@@ -206,7 +207,7 @@ def read_pairs(folder, max_bad):
         try:
             r = json.loads(line)
             r = dict(r, ref=r["image"], target=r["image"]) if "image" in r else r  # composite: left ref, right target
-            pair = (folder / r["ref"], folder / r["target"], str(r["prompt"]).strip())
+            pair = (folder / r["ref"], folder / r["target"], str(r["prompt"]).strip(), "image" in r)
             why = next((f"missing file {q}" for q in pair[:2] if not q.is_file()), "" if pair[2] else "empty prompt")
         except (ValueError, KeyError, TypeError) as e:
             why = f"not a {{ref, target, prompt}} record ({e})"
@@ -251,37 +252,58 @@ def jitter_crop(image, size, jitter, gen):
 
 def read_clip(path, frames, fps, size):
     """The first `frames` frames of a video at `fps` (A.2: decoded at the source rate, sub-sampled to 8 fps), not
-    spread over the whole clip, which would train a faster motion on longer clips. Too short a clip is an error."""
+    spread over the whole clip, which would train a faster motion on longer clips. Too short a clip is an error.
+    Decoding stops at the last frame kept, only the kept frames are held, and they are resized as uint8 before they
+    become floats: the whole clip at full size in fp32 was GBs of host memory per clip at 1080p."""
     meta = iio.immeta(path)
     source_fps = meta.get("fps") or 1000 / meta["duration"]  # ffmpeg gives the rate; a GIF, ms per frame
     span = round((frames - 1) * source_fps / fps) + 1        # source frames covering frames / fps seconds
-    clip = common.read_video(path, span, size, end=span)     # consecutive frames 0 .. span-1
-    return clip[torch.linspace(0, span - 1, frames).round().long()]
+    keep = torch.linspace(0, span - 1, frames).round().long().tolist()
+    held, n = {}, 0
+    try:
+        for n, frame in enumerate(iio.imiter(path), 1):
+            if n - 1 in keep:
+                held[n - 1] = torch.from_numpy(frame.copy())
+            if n == span:
+                break
+    except Exception as e:
+        common.fail(f"cannot read video {path}: {common.first_line(e)}")
+    if n < span:
+        common.fail(f"{path} has {n} frames, {span} are needed ({frames} at {fps} fps): use a longer clip")
+    x = torch.stack([held[i] for i in keep])  # uint8 (F, H, W, C), a kept frame repeated where fps is above the clip's
+    x = (x[..., None] if x.ndim == 3 else x).movedim(-1, 1)[:, :3].expand(-1, 3, -1, -1)  # grey repeated, alpha dropped
+    return common.resize_crop(x, size).float() / 127.5 - 1
+
+
+class BadRecord(Exception):
+    """A record whose file fails to decode during training: train's draw drops it from the rank's pool."""
+
+    def __init__(self, index, what, reason):
+        super().__init__(f"{what}: {reason}")
+        self.index = index
 
 
 class FolderData:
     """Real data: the records are checked up front (cheap: no file is decoded, a corpus is large); the files are
-    read per step. One that fails to decode then is skipped like a bad record, and another random one is drawn."""
+    read per step. One that fails to decode then raises BadRecord (train drops it and draws again)."""
 
     def __init__(self, args):
         self.pairs, self.videos = read_pairs(args.pairs, args.max_bad), read_videos(args.videos, args.max_bad)
-        self.args, self.bad = args, []
-        lacking = next((prompt for *_, prompt in self.pairs if CLS not in prompt), None)
+        self.args = args
+        lacking = next((prompt for _, _, prompt, _ in self.pairs if CLS not in prompt), None)
         if lacking is not None and not args.no_train_cls:  # sec. 3: <cls> is prepended to the subject noun
             common.fail(f"pair prompt {lacking!r} has no {CLS}, so its embedding would learn nothing from it; write "
                         f"it before the subject noun ('an {CLS} armchair in the living room') or use --no-train-cls")
 
     def _read(self, rows, i, load, gen):
-        while True:
-            try:
-                return load(rows[i], gen)
-            except Exception as e:  # common's readers raise InputError on a bad file: here it becomes a warning
-                skip(str(rows[i][0]), f"unreadable ({common.first_line(e)})", self.bad, len(rows), self.args.max_bad)
-                i = int(torch.randint(len(rows), (1,), generator=gen))
+        try:
+            return load(rows[i], gen)
+        except Exception as e:  # common's readers raise InputError on a bad file: here it drops the record
+            raise BadRecord(i, str(rows[i][0]), f"unreadable ({common.first_line(e)})") from e
 
     def _pair(self, r, gen):
         size, jitter = (self.args.height, self.args.width), self.args.crop_jitter
-        if r[0] == r[1]:  # composite: the left half is the reference, the right half the target
+        if r[3]:  # composite: the left half is the reference, the right half the target
             both = common.read_image(r[0])
             ref, target = both[..., :both.shape[-1] // 2 * 2].chunk(2, dim=-1)
         else:
@@ -572,6 +594,15 @@ def toy_eval(m, args, out):
     return metrics
 
 
+def write_preview(m, args, data, pools, out, rank, step):
+    """--sample-every's sample. Every rank makes it (the same video from the same weights) and rank 0 writes it: a
+    sample on rank 0 alone would hold the other ranks in the next step's all-reduce for all of it, which a long one
+    keeps past NCCL's timeout."""
+    video = generate(m, *preview_ref(args, data, pools), args, args.seed)
+    if rank == 0:
+        common.write_preview(out, step, video, args.fps, toy=args.mode == "toy")
+
+
 def preview_ref(args, data, pools):
     """The (image, prompt) that --sample-every samples: toy, toy_eval's first held-out sprite; real, one fixed pair."""
     if args.mode != "toy":  # the first pair of B.1's validation split (--grad-every), else of training; a fixed crop
@@ -617,6 +648,37 @@ def task_pools(data, batches, world, args):
     return pools
 
 
+def draw(load, pool, bad, n, gen):
+    """n records of `pool` (this rank's training shard or validation split) read by load(indices, gen). A record that
+    fails to read is dropped from the pool once (bad: its distinct bad records, which check_bad counts), with one
+    warning, and the batch is drawn again from the same pool: never another rank's shard or the other split."""
+    while True:
+        alive = pool[~torch.isin(pool, torch.tensor(sorted(bad), dtype=pool.dtype))]
+        if not len(alive):
+            common.fail(f"all {len(pool)} records of a rank's share are unreadable; fix the data")
+        try:
+            return load(alive[torch.randint(len(alive), (n,), generator=gen)], gen)
+        except BadRecord as e:
+            print(f"warning: skipping {e}", file=sys.stderr)
+            bad.add(e.index)
+
+
+def check_bad(bad, data, args, rank, world, device):
+    """--max-bad over the records dropped in training, all ranks together (their shards are disjoint, so the sum
+    counts distinct records): every rank stops at the same step, and rank 0 alone says why, instead of one rank
+    exiting while the others wait in their next all-reduce until NCCL's timeout."""
+    n = torch.tensor([len(bad["image"]), len(bad["video"])], device=device)
+    if world > 1:
+        dist.all_reduce(n)
+    over = [(int(c), t, k) for c, t, k in zip(n.tolist(), (len(data.pairs), len(data.videos)), ("image", "video"))
+            if c > args.max_bad * t]
+    if over and rank:
+        raise SystemExit(2)
+    if over:
+        common.fail("{} of {} {} records are unreadable (more than --max-bad {:g}); fix the data".format(
+            *over[0], args.max_bad))
+
+
 def train(m, data, args, out, batches, state, rank=0, world=1, preview=None):
     """Algorithm 1: each step is a video (I2V) or an identity (one-frame) step, the same task on every rank; data and
     noise draw from per-rank generators. batches: {kind: (micro-batch, passes)}; state: --resume's checkpoint or {}."""
@@ -635,16 +697,16 @@ def train(m, data, args, out, batches, state, rank=0, world=1, preview=None):
     if state:
         tr.load_state_dict(state["lora"], strict=False)
         m["cls"].data.copy_(state["cls"])
-        common.set_rng_state(state["rng"])
+        common.set_rng_state(state["rng"][rank])  # this rank's (LoRA dropout draws from the global RNG)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"][rank])
     load, pools = dict(image=data.pair_batch, video=data.video_batch), task_pools(data, batches, world, args)
-    pg = torch.Generator().manual_seed(args.seed + 999)  # B.1: a fixed validation mini-batch per task and rank
-    probe = {kind: load[kind](val[rank::world], pg) for kind, (_, val) in pools.items()} if args.grad_every else None
+    pg, bad = torch.Generator().manual_seed(args.seed + 999), dict(image=set(), video=set())  # bad: dropped records
+    probe = {kind: draw(load[kind], val[rank::world], bad[kind], len(val[rank::world]), pg)  # B.1: a fixed
+             for kind, (_, val) in pools.items()} if args.grad_every else None  # validation mini-batch per task, rank
     # a DistributedSampler-style split: rank r draws from pool[r], pool[r + world], ...
     pools = {kind: pool[rank::world] if len(pool) > rank else pool for kind, (pool, _) in pools.items()}
-    draw = lambda pool, b, g: pool[torch.randint(len(pool), (b,), generator=g)]
     log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
     grad_log = common.StepLog(out / "grad_log.jsonl", every=args.grad_every or 1, append=args.resume)  # B.1
     model.train()
@@ -659,10 +721,11 @@ def train(m, data, args, out, batches, state, rank=0, world=1, preview=None):
         opt.zero_grad(set_to_none=True)
         for i in range(passes):  # gradient accumulation: DDP all-reduces once, in the last pass's backward
             with model.no_sync() if world > 1 and i < passes - 1 else contextlib.nullcontext():
-                loss = model(kind, load[kind](draw(pools[kind], micro, gen), gen), gen) / passes
+                loss = model(kind, draw(load[kind], pools[kind], bad[kind], micro, gen), gen) / passes
                 common.check_finite(loss, step)
                 loss.backward()
             last[kind] += loss.item()
+        check_bad(bad, data, args, rank, world, m["cls"].device)
         if pcgrad is not None:  # on the averaged gradient: every rank projects the same vector
             for p, g in zip(params, pcgrad(kind, flat_grad(params)).split([p.numel() for p in params])):
                 p.grad = g.view_as(p).to(p.dtype).clone()
@@ -672,14 +735,15 @@ def train(m, data, args, out, batches, state, rank=0, world=1, preview=None):
         if rank == 0:
             log(step + 1, bar, **last, lr=sched.get_last_lr()[0])
         if (step + 1) % args.save_every == 0 and step + 1 < args.iterations:  # ckpt.pt, what --resume reads
-            gens = [gen.get_state()] * world  # every rank's data/noise generator, so that each rank continues
-            if world > 1:
-                dist.all_gather_object(gens, gen.get_state())
+            states = [(gen.get_state(), common.rng_state())] * world  # every rank's data/noise generator and global
+            if world > 1:  # RNGs (its dropout masks), so that each rank continues its own streams
+                dist.all_gather_object(states, states[0])
             if rank == 0:
                 lora = {n: p.detach().float().cpu() for n, p in tr.named_parameters() if f".{ADAPTER}." in n}
                 common.save_atomic(dict(step=step + 1, lora=lora, cls=m["cls"].detach().cpu(), opt=opt.state_dict(),
-                                        sched=sched.state_dict(), gen=gens, rng=common.rng_state()), out / "ckpt.pt")
-        if preview and args.sample_every and (step + 1) % args.sample_every == 0:  # rank 0's alone, as main passes it
+                                        sched=sched.state_dict(), gen=[g for g, _ in states],
+                                        rng=[r for _, r in states]), out / "ckpt.pt")
+        if preview and args.sample_every and (step + 1) % args.sample_every == 0:  # on every rank (write_preview)
             model.eval()  # no LoRA dropout; fork_rng: DPM's global-RNG draws start at --seed, training's stream stays
             with torch.random.fork_rng([m["cls"].device] if m["cls"].device.type == "cuda" else []):
                 torch.manual_seed(args.seed)
@@ -736,7 +800,7 @@ def main(argv=None):
         plan(args, data, batches)
     if args.dry_run:
         return None
-    common.seed_everything(args.seed)
+    common.seed_everything(args.seed + rank)  # each rank its own LoRA dropout masks (DDP gives all rank 0's weights)
     m = load_models(args, device, dtype)
     tr = m["transformer"]
     if args.grad_ckpt:
@@ -759,9 +823,8 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
         print(f"LoRA: {n_lora / 1e6:.2f} M parameters on {len(common.lora_layers(tr))} layers")
-    preview = lambda step: common.write_preview(  # --sample-every's: rank 0 alone samples, waiting on no other rank
-        out, step, generate(m, *preview_ref(args, data, pools), args, args.seed), args.fps, toy=args.mode == "toy")
-    train(m, data, args, out, batches, state, rank, world, preview if rank == 0 else None)  # DDP keeps ranks equal
+    preview = lambda step: write_preview(m, args, data, pools, out, rank, step)
+    train(m, data, args, out, batches, state, rank, world, preview)  # DDP keeps ranks equal
     if rank == 0:
         save_lora(tr, m, args, out)
     result = toy_eval(m, args, out) if rank == 0 and args.mode == "toy" else None

@@ -162,7 +162,7 @@ def test_bad_records_are_skipped_with_a_warning_and_too_many_stop(tmp_path, caps
     assert [c for _, c in dts.read_videos(vids, max_bad=0.5)] == ["a dog running", "a cat"]
 
 
-def test_unreadable_training_file_is_skipped_not_fatal_and_jitter_crops(tmp_path, capsys):
+def test_unreadable_training_file_is_dropped_once_not_fatal_and_jitter_crops(tmp_path, capsys):
     from PIL import Image
     Image.new("RGB", (40, 40), (255, 0, 0)).save(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes(b"not a png")
@@ -173,17 +173,44 @@ def test_unreadable_training_file_is_skipped_not_fatal_and_jitter_crops(tmp_path
     (vids / "0.txt").write_text("a dog")
     data = dts.FolderData(argparse.Namespace(pairs=tmp_path, videos=vids, height=32, width=32, frames=9, fps=4,
                                              max_bad=0.5, crop_jitter=0.0, no_train_cls=False))
-    ref, target, _ = data.pair_batch(torch.tensor([1, 0]), torch.Generator().manual_seed(0))  # b.png is bad
-    assert ref.shape == (2, 3, 32, 32) and torch.allclose(ref[0], ref[1])
+    bad, gen = set(), torch.Generator().manual_seed(0)
+    for _ in range(3):  # b.png (record 1) fails once, is dropped, and is never drawn (nor counted) again
+        ref, target, _ = dts.draw(data.pair_batch, torch.tensor([0, 1]), bad, 8, gen)
+        assert ref.shape == (8, 3, 32, 32) and torch.allclose(ref, ref[:1])
     err = capsys.readouterr().err
-    assert err.count("warning: skipping") == 1 and "b.png" in err and "unreadable (cannot read image" in err
+    assert bad == {1} and err.count("warning: skipping") == 1 and "b.png" in err and "unreadable (cannot read" in err
     assert "error:" not in err
-    with pytest.raises(common.InputError):  # a second bad read passes --max-bad 0.5 of 2 records
-        data.pair_batch(torch.tensor([1]), torch.Generator().manual_seed(0))
+    with pytest.raises(common.InputError, match="all 1 records of a rank's share are unreadable"):
+        dts.draw(data.pair_batch, torch.tensor([1]), bad, 1, gen)  # replacements come from the given pool alone
+    # --max-bad counts distinct records, of all ranks together: 1 of 2 is not more than half; rank 0 says it, once
+    dts.check_bad(dict(image=bad, video=set()), data, argparse.Namespace(max_bad=0.5), 0, 1, torch.device("cpu"))
+    with pytest.raises(common.InputError, match="1 of 2 image records are unreadable"):
+        dts.check_bad(dict(image=bad, video=set()), data, argparse.Namespace(max_bad=0.4), 0, 1, torch.device("cpu"))
+    with pytest.raises(SystemExit):
+        dts.check_bad(dict(image=bad, video=set()), data, argparse.Namespace(max_bad=0.4), 1, 1, torch.device("cpu"))
+    assert "error:" not in capsys.readouterr().err
     ramp = torch.linspace(-1, 1, 64).expand(3, 64, 64)
     crops = {tuple(dts.jitter_crop(ramp, (32, 32), 0.25, torch.Generator().manual_seed(k))[0, 0, :2].tolist())
              for k in range(8)}
     assert len(crops) > 1 and dts.jitter_crop(ramp, (32, 32), 0.25, torch.Generator()).shape == (3, 32, 32)
+
+
+def test_a_self_pair_is_not_split_as_a_composite(tmp_path):
+    """ref == target (one photo as both views) is a self-pair, used whole; only an {"image"} record is a Subject200K
+    side-by-side composite, split into its left (reference) and right (target) halves."""
+    from PIL import Image
+    photo = Image.new("RGB", (64, 32), (255, 0, 0))
+    photo.paste((0, 0, 255), (32, 0, 64, 32))  # left half red, right half blue
+    photo.save(tmp_path / "a.png")
+    records = [dict(ref="a.png", target="a.png", prompt="a <cls>"), dict(image="a.png", prompt="a <cls>")]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+    (tmp_path / "v").mkdir()
+    data = dts.FolderData(argparse.Namespace(pairs=tmp_path, videos=tmp_path / "v", height=32, width=64, max_bad=0.5,
+                                             crop_jitter=0.0, no_train_cls=False))
+    ref, target, _ = data.pair_batch(torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    whole = common.read_image(tmp_path / "a.png", (32, 64))
+    assert torch.equal(ref[0], whole) and torch.equal(target[0], whole)
+    assert (ref[1, 0] == 1).all() and (ref[1, 2] == -1).all() and (target[1, 2] == 1).all()
 
 
 def test_toy_run_trains_saves_and_samples_and_sample_mode_reloads(tmp_path):
@@ -324,20 +351,23 @@ import json, os, sys
 from pathlib import Path
 import torch, torch.distributed as dist
 import dual_task_sdv as dts
-DDP, seen = torch.nn.parallel.DistributedDataParallel, dict(forward=0, no_sync=0)
-forward, no_sync, train = DDP.forward, DDP.no_sync, dts.train
+DDP, seen = torch.nn.parallel.DistributedDataParallel, dict(forward=0, no_sync=0, generate=0)
+forward, no_sync, train, generate = DDP.forward, DDP.no_sync, dts.train, dts.generate
 def count(name, real):
     def counted(*a, **k):
         seen[name] += 1
         return real(*a, **k)
     return counted
 def checked_train(m, *a, **k):
+    seen["seed"] = torch.initial_seed()
     train(m, *a, **k)
+    dts.generate = generate  # count the previews only, not the final toy_eval
     w = torch.cat([p.detach().flatten() for n, p in m["transformer"].named_parameters() if "lora_" in n] + [m["cls"]])
     w0 = w.clone()
     dist.broadcast(w0, 0)
     seen["divergence"] = float((w - w0).abs().max())
 DDP.forward, DDP.no_sync, dts.train = count("forward", forward), count("no_sync", no_sync), checked_train
+dts.generate = count("generate", generate)
 dts.main(sys.argv[1:])
 out = Path(sys.argv[sys.argv.index("--out") + 1])
 (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
@@ -361,13 +391,49 @@ def test_two_process_gloo_run_trains_through_ddp_and_keeps_the_ranks_equal(tmp_p
         port = str(free.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            str(tmp_path / "run.py")] + FAST + ["--out", str(out), "--pair-micro", "1", "--grad-every", "2",
-                                               "--pcgrad", "4"]
+                                               "--pcgrad", "4", "--sample-every", "2", "--save-every", "2"]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     ranks = [json.loads((out / f"rank{k}.json").read_text()) for k in range(2)]
     assert all(s["forward"] > 0 and s["no_sync"] > 0 and s["divergence"] == 0 for s in ranks), ranks
+    # each rank its own seed (LoRA dropout masks) and RNG states in the checkpoint; every rank samples the previews
+    # (steps 2 and 4), so that none waits in an all-reduce for rank 0's
+    assert ranks[0]["seed"] != ranks[1]["seed"] and [s["generate"] for s in ranks] == [2, 2], ranks
+    rng = torch.load(out / "ckpt.pt", weights_only=False)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
     assert (out / dts.LORA_FILE).is_file() and (out / "metrics.json").is_file()
     assert [json.loads(x)["step"] for x in (out / "grad_log.jsonl").read_text().splitlines()] == [0, 2]
+
+
+CHECK_BAD_SCRIPT = """
+import argparse, torch, torch.distributed as dist
+import common, dual_task_sdv as dts
+dist.init_process_group("gloo")
+rank, data = dist.get_rank(), argparse.Namespace(pairs=[None] * 10, videos=[None] * 10)
+bad = dict(image={3} if rank == 1 else set(), video=set())  # a bad record on rank 1's shard only
+common.cli(lambda argv: dts.check_bad(bad, data, argparse.Namespace(max_bad=0.05), rank, 2, torch.device("cpu")))
+"""
+
+
+def test_too_many_bad_records_stop_every_rank_with_one_message(tmp_path):
+    """A rank that passes --max-bad alone must not exit while the others wait in NCCL until its timeout: the ranks
+    sum their bad records each step and all stop together; rank 0 says why."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(dts.__file__).resolve().parent
+    (tmp_path / "run.py").write_text(CHECK_BAD_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root), CUDA_VISIBLE_DEVICES="")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                        str(tmp_path / "run.py")], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if "error: " in line]
+    assert r.returncode != 0 and len(errors) == 1, r.stderr[-2000:]
+    assert "1 of 10 image records are unreadable (more than --max-bad 0.05)" in errors[0]
 
 
 def test_train_mode_on_folders_with_the_toy_backbone(tmp_path, capsys):
@@ -498,6 +564,22 @@ def test_training_clips_are_taken_at_the_training_fps_from_the_start(tmp_path):
     assert ((clip[:, 0, 0, 0] + 1) / 2 * 39).round().tolist() == [0, 2, 5, 8, 10]  # every 2.5th frame: 8 fps
     with pytest.raises(common.InputError):                                       # 2 s hold 17 frames at 8 fps
         dts.read_clip(vids / "c.gif", 18, 8, (8, 8))
+
+
+def test_a_clip_is_read_as_before_but_only_its_kept_frames(tmp_path, monkeypatch):
+    """read_clip decodes only up to its last kept frame and resizes uint8 frames: the same frames as reading the
+    whole clip in float and keeping 49 of them (up to a rounding of the resize), with fewer frames decoded."""
+    import imageio.v3 as iio
+    gen = torch.Generator().manual_seed(0)
+    clip = torch.rand(60, 3, 24, 40, generator=gen) * 2 - 1  # 60 frames at 30 fps: 2 s
+    common.write_video(tmp_path / "c.mp4", clip, fps=30)
+    decoded, imiter = [], iio.imiter
+    monkeypatch.setattr(iio, "imiter", lambda *a, **k: (decoded.append(1) or f for f in imiter(*a, **k)))
+    new, n_decoded = dts.read_clip(tmp_path / "c.mp4", 9, 8, (16, 16)), len(decoded)
+    span = round(8 * 30 / 8) + 1  # 31 source frames cover 9 frames at 8 fps
+    old = common.read_video(tmp_path / "c.mp4", span, (16, 16), end=span)[torch.linspace(0, span - 1, 9).round().long()]
+    assert new.shape == old.shape == (9, 3, 16, 16) and (new - old).abs().max() <= 2 / 127.5
+    assert n_decoded == span < 60
 
 
 def test_the_papers_batch_is_reached_by_gradient_accumulation(tmp_path, monkeypatch):
