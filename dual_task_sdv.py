@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--videos", help="folder of video files, each captioned by a sidecar .txt or captions.jsonl")
     p.add_argument("--crop-jitter", type=float, default=0.1, help="crop each view from a (1 + this) x resize (A.2)")
     p.add_argument("--max-bad", type=float, default=0.05, help="stop if more than this fraction of records is bad")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader processes per rank reading the training files "
+                                                         "ahead of the steps (0: in the training process)")
     p.add_argument("--height", type=int, default=480, help="training and sampling size (the paper: 480x720)")
     p.add_argument("--width", type=int, default=720)
     p.add_argument("--frames", type=int, default=49, help="frames of the videos and of the result (4k+1)")
@@ -144,7 +146,7 @@ def check_args(args):
     common.check_numbers(
         args, positive=["lr", "lora_alpha", "grad_clip"], unit=["p", "p_drop", "lora_dropout", "max_bad"],
         at_least_zero=["iterations", "warmup", "grad_every", "sample_every", "weight_decay", "cfg", "crop_jitter",
-                       "ablation_seeds"],
+                       "ablation_seeds", "workers"],
         at_least_one=["rank", "max_text_len", "pair_batch", "video_batch", "pair_micro", "video_micro", "steps",
                       "num_samples", "fps", "log_every", "save_every", "toy_pairs", "toy_videos", "seeds", "lr_cycles"])
     common.check_cogvideox_video(args)
@@ -278,14 +280,15 @@ def read_clip(path, frames, fps, size):
 class BadRecord(Exception):
     """A record whose file fails to decode during training: train's draw drops it from the rank's pool."""
 
-    def __init__(self, index, what, reason):
-        super().__init__(f"{what}: {reason}")
+    def __init__(self, index, what):
+        super().__init__(what)
         self.index = index
 
 
-class FolderData:
+class FolderData(torch.utils.data.Dataset):
     """Real data: the records are checked up front (cheap: no file is decoded, a corpus is large); the files are
-    read per step. One that fails to decode then raises BadRecord (train drops it and draws again)."""
+    read during training by a DataLoader's workers (train_loader), an item (kind, record, seed) at a time. One that
+    fails to decode then is dropped and another drawn (take, draw)."""
 
     def __init__(self, args):
         self.pairs, self.videos = read_pairs(args.pairs, args.max_bad), read_videos(args.videos, args.max_bad)
@@ -295,11 +298,17 @@ class FolderData:
             common.fail(f"pair prompt {lacking!r} has no {CLS}, so its embedding would learn nothing from it; write "
                         f"it before the subject noun ('an {CLS} armchair in the living room') or use --no-train-cls")
 
-    def _read(self, rows, i, load, gen):
+    def __getitem__(self, item):
+        """(kind, record index, seed) -> a pair (ref, target, prompt), its crop jitter drawn from seed, or a clip
+        (clip, caption); ("bad", index, why) where the file fails to decode (a worker returns it; take drops it)."""
+        kind, i, seed = item
+        rows, a = (self.pairs if kind == "image" else self.videos), self.args
         try:
-            return load(rows[i], gen)
+            if kind == "image":
+                return self._pair(rows[i], torch.Generator().manual_seed(seed))
+            return read_clip(rows[i][0], a.frames, a.fps, (a.height, a.width)), rows[i][1]
         except Exception as e:  # common's readers raise InputError on a bad file: here it drops the record
-            raise BadRecord(i, str(rows[i][0]), f"unreadable ({common.first_line(e)})") from e
+            return "bad", i, f"{rows[i][0]}: unreadable ({common.first_line(e)})"
 
     def _pair(self, r, gen):
         size, jitter = (self.args.height, self.args.width), self.args.crop_jitter
@@ -310,15 +319,28 @@ class FolderData:
             ref, target = common.read_image(r[0]), common.read_image(r[1])
         return jitter_crop(ref, size, jitter, gen), jitter_crop(target, size, jitter, gen), r[2]
 
+    def batch(self, kind, idx, gen):
+        """The records idx read here, at once (B.1's probe, the preview's pair, a bad sample's replacement): a batch
+        as the step takes it; BadRecord for a file that fails to decode."""
+        seeds = torch.randint(2 ** 31, (len(idx),), generator=gen).tolist()
+        samples = [self[kind, i, seed] for i, seed in zip(idx.tolist(), seeds)]
+        bad = next((s for s in samples if isinstance(s[0], str)), None)
+        if bad:
+            raise BadRecord(bad[1], bad[2])
+        return collate(samples)
+
     def pair_batch(self, idx, gen):
-        refs, targets, prompts = zip(*[self._read(self.pairs, i, self._pair, gen) for i in idx.tolist()])
-        return torch.stack(refs), torch.stack(targets), list(prompts)
+        return self.batch("image", idx, gen)
 
     def video_batch(self, idx, gen):
-        a = self.args
-        clip = lambda r, g: (read_clip(r[0], a.frames, a.fps, (a.height, a.width)), r[1])
-        clips, captions = zip(*[self._read(self.videos, i, clip, gen) for i in idx.tolist()])
-        return torch.stack(clips), list(captions)
+        return self.batch("video", idx, gen)
+
+
+def collate(samples):
+    """Pairs (ref, target, prompt) or clips (clip, caption) -> the batch the step takes: the tensors stacked, the
+    texts listed."""
+    *tensors, texts = zip(*samples)
+    return (*[torch.stack(t) for t in tensors], list(texts))
 
 
 # -----------------------------------------------------------------------------
@@ -663,6 +685,42 @@ def draw(load, pool, bad, n, gen):
             bad.add(e.index)
 
 
+def loader_items(pools, tasks, batches, seed, start):
+    """What each forward pass of each step reads, drawn ahead from the rank's training shards: lists of (kind,
+    record, seed of its crop jitter), from step `start` on (drawn from step 0, so that a resumed run reads what an
+    uninterrupted one would)."""
+    gen = torch.Generator().manual_seed(seed)
+    for step, video in enumerate(tasks.tolist()):
+        kind = "video" if video else "image"
+        micro, passes = batches[kind]
+        for _ in range(passes):
+            idx = pools[kind][torch.randint(len(pools[kind]), (micro,), generator=gen)].tolist()
+            seeds = torch.randint(2 ** 31, (micro,), generator=gen).tolist()
+            if step >= start:
+                yield [(kind, i, s) for i, s in zip(idx, seeds)]
+
+
+def train_loader(data, pools, tasks, batches, args, rank, start):
+    """The training files read ahead of the steps by --workers processes (torch.utils.data.DataLoader), so that the
+    GPU does not wait on the decode; None for the toy world's data, which is in memory."""
+    if not isinstance(data, FolderData):
+        return None
+    items = list(loader_items(pools, tasks, batches, args.seed + 7919 * (rank + 1), start))  # its own draws
+    return iter(torch.utils.data.DataLoader(data, batch_sampler=items, num_workers=args.workers, collate_fn=list))
+
+
+def take(samples, load, pool, bad, gen):
+    """A loader's samples as the step's batch, each bad one replaced: its record dropped (once, with a warning; the
+    loader drew ahead and may bring it again) and another of the pool read here (draw)."""
+    for j, sample in enumerate(samples):
+        if isinstance(sample[0], str):
+            if sample[1] not in bad:
+                print(f"warning: skipping {sample[2]}", file=sys.stderr)
+                bad.add(sample[1])
+            samples[j] = [x[0] for x in draw(load, pool, bad, 1, gen)]
+    return collate(samples)
+
+
 def check_bad(bad, data, args, rank, world, device):
     """--max-bad over the records dropped in training, all ranks together (their shards are disjoint, so the sum
     counts distinct records): every rank stops at the same step, and rank 0 alone says why, instead of one rank
@@ -707,6 +765,7 @@ def train(m, data, args, out, batches, state, rank=0, world=1, preview=None):
              for kind, (_, val) in pools.items()} if args.grad_every else None  # validation mini-batch per task, rank
     # a DistributedSampler-style split: rank r draws from pool[r], pool[r + world], ...
     pools = {kind: pool[rank::world] if len(pool) > rank else pool for kind, (pool, _) in pools.items()}
+    loaded = train_loader(data, pools, tasks, batches, args, rank, state.get("step", 0))
     log, last = common.StepLog(out / "log.jsonl", every=args.log_every, append=args.resume), {}
     grad_log = common.StepLog(out / "grad_log.jsonl", every=args.grad_every or 1, append=args.resume)  # B.1
     model.train()
@@ -721,7 +780,9 @@ def train(m, data, args, out, batches, state, rank=0, world=1, preview=None):
         opt.zero_grad(set_to_none=True)
         for i in range(passes):  # gradient accumulation: DDP all-reduces once, in the last pass's backward
             with model.no_sync() if world > 1 and i < passes - 1 else contextlib.nullcontext():
-                loss = model(kind, draw(load[kind], pools[kind], bad[kind], micro, gen), gen) / passes
+                batch = take(next(loaded), load[kind], pools[kind], bad[kind], gen) if loaded else \
+                    draw(load[kind], pools[kind], bad[kind], micro, gen)
+                loss = model(kind, batch, gen) / passes
                 common.check_finite(loss, step)
                 loss.backward()
             last[kind] += loss.item()

@@ -195,6 +195,36 @@ def test_unreadable_training_file_is_dropped_once_not_fatal_and_jitter_crops(tmp
     assert len(crops) > 1 and dts.jitter_crop(ramp, (32, 32), 0.25, torch.Generator()).shape == (3, 32, 32)
 
 
+def test_the_loader_reads_ahead_what_a_direct_read_gives(tmp_path, capsys):
+    """DataLoader workers read the items loader_items draws ahead: the same samples as reading them here; a resumed
+    run's items are an uninterrupted run's from its step on; a bad sample is dropped once and replaced from the pool."""
+    from PIL import Image
+    for name, colour in (("a.png", (255, 0, 0)), ("b.png", (0, 0, 255))):
+        Image.new("RGB", (40, 40), colour).save(tmp_path / name)
+    (tmp_path / "c.png").write_bytes(b"not a png")
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(dict(ref=r, target="b.png", prompt="a <cls>"))
+                                                    for r in ["a.png", "b.png", "c.png"]) + "\n")
+    vids = tmp_path / "v"
+    common.write_video(vids / "0.gif", tw.render(tw.random_concepts(1, torch.Generator().manual_seed(0)))[0], 4)
+    (vids / "0.txt").write_text("a dog")
+    data = dts.FolderData(argparse.Namespace(pairs=tmp_path, videos=vids, height=32, width=32, frames=9, fps=4,
+                                             max_bad=0.5, crop_jitter=0.25, no_train_cls=False))
+    pools, tasks = dict(image=torch.tensor([0, 1, 2]), video=torch.tensor([0])), torch.tensor([0, 1, 0, 0]).bool()
+    batches = dict(image=(2, 2), video=(1, 1))
+    items = list(dts.loader_items(pools, tasks, batches, 7919, 0))
+    assert len(items) == 7 and list(dts.loader_items(pools, tasks, batches, 7919, 2)) == items[3:]
+    loaded = list(dts.train_loader(data, pools, tasks, batches, argparse.Namespace(seed=0, workers=2), 0, 0))
+    same = lambda a, b: all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(a, b))
+    assert len(loaded) == 7 and all(same(got, data[item]) for batch, want in zip(loaded, items)
+                                    for got, item in zip(batch, want))
+    bad, gen = set(), torch.Generator().manual_seed(0)
+    for _ in range(2):
+        ref, target, prompts = dts.take([data["image", 2, 0], data["image", 0, 0]], data.pair_batch, pools["image"],
+                                        bad, gen)
+        assert ref.shape == target.shape == (2, 3, 32, 32) and prompts == ["a <cls>"] * 2
+    assert bad == {2} and capsys.readouterr().err.count("warning: skipping") == 1
+
+
 def test_a_self_pair_is_not_split_as_a_composite(tmp_path):
     """ref == target (one photo as both views) is a self-pair, used whole; only an {"image"} record is a Subject200K
     side-by-side composite, split into its left (reference) and right (target) halves."""
