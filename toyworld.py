@@ -12,6 +12,7 @@ rendering (no learned classifier).
     python toyworld.py train-vae                        # the toy VAE (assets/toy_vae); --resume continues
     python toyworld.py eval-vae                         # the toy metrics of clips sent through it
     python toyworld.py pretrain --family wan            # or cogvideox / unet3d, in the VAE's latents; --resume
+    python toyworld.py make-bank                        # pretraining clips encoded once (out/bank); pretrain --bank
     python toyworld.py eval VIDEO --subject assets/toy/subject --motion assets/toy/motion
     python toyworld.py eval-base --family wan           # prompt following of a pretrained toy backbone
     python toyworld.py make-assets                      # re-create assets/ (encoders, tokenizer, toy inputs)
@@ -604,7 +605,7 @@ def make_bank(args):
     from safetensors.torch import save_file
     from tqdm import tqdm
     out, vae, fp = Path(args.out), load_vae(), vae_fingerprint()
-    vae.to(memory_format=torch.channels_last)  # ~20% faster convolutions on the CPU, the same numbers
+    vae.to(memory_format=torch.channels_last)  # ~20% faster convolutions on the CPU; the same latents up to rounding
     n_shards = math.ceil(args.clips / args.shard)
     todo = [k for k in range(n_shards) if not (out / f"shard_{k:05d}.safetensors").is_file()]
     print(f"latent bank {out}: {n_shards} shards of {args.shard} clips and {args.shard} stills, {len(todo)} to write")
