@@ -639,9 +639,10 @@ def load_bank(folder):
     files = sorted(Path(folder).glob("shard_*.safetensors"))
     if not files:
         common.fail(f"--bank: no shard_*.safetensors in {folder} (python toyworld.py make-bank --out {folder})")
-    with safe_open(str(files[0]), "pt") as f:
-        if f.metadata().get("vae") != vae_fingerprint():
-            common.fail(f"--bank: {folder} was encoded by another toy VAE than {vae_path()}; make it again")
+    for file in files:  # every shard: a make-bank resumed after the VAE changed would mix two latent spaces
+        with safe_open(str(file), "pt") as f:
+            if f.metadata().get("vae") != vae_fingerprint():
+                common.fail(f"--bank: {file} was encoded by another toy VAE than {vae_path()}; make the bank again")
     shards = [load_file(str(f)) for f in files]
     bank = {}
     for name in ("clips", "stills"):
@@ -876,7 +877,8 @@ def direction_followed(traj, motion):
 
 def motion_report(videos, concepts):
     """Per asked motion word: how often each word was recognised (a confusion row) and, for straight motions, the
-    fraction whose net displacement goes the right way (`direction_followed`)."""
+    fraction whose net displacement goes the right way (`direction_followed`) over the `judged` samples (those with
+    a sprite in two frames or more)."""
     rows = {}
     for v, c in zip(videos, concepts):
         traj = centroids(segment(v)[1])
@@ -887,7 +889,7 @@ def motion_report(videos, concepts):
             row["right_way"].append(ok)
     for row in rows.values():
         way = row.pop("right_way")
-        row["direction"] = sum(way) / len(way) if way else None
+        row["judged"], row["direction"] = len(way), sum(way) / len(way) if way else None
     return dict(sorted(rows.items()))
 
 
@@ -1220,8 +1222,9 @@ def cmd_eval_base(args):
     result = {k: sum(h[k] for h in hits) / len(hits) for k in hits[0] if not (image and k == "motion")}
     if not image:  # which word each asked motion was read as, and whether straight motions go the right way
         report = motion_report(videos[:len(concepts)], concepts)
-        way = [(r["direction"], r["n"]) for r in report.values() if r["direction"] is not None]
-        result["direction"] = sum(d * n for d, n in way) / sum(n for _, n in way) if way else float("nan")
+        judged = sum(r["judged"] for r in report.values())  # pooled over the samples whose direction was judged
+        result["direction"] = (sum(r["direction"] * r["judged"] for r in report.values() if r["judged"]) / judged
+                               if judged else float("nan"))
         for m, r in report.items():
             print(f"  {m:6s} x{r['n']:<2d} read as " + ", ".join(f"{k} {n}" for k, n in sorted(r["got"].items()))
                   + (f"; right way {r['direction']:.2f}" if r["direction"] is not None else ""))

@@ -421,9 +421,10 @@ def test_latent_bank_keeps_each_samples_factors_and_serves_every_family(tmp_path
 
 def test_a_bank_of_another_vae_is_refused(tmp_path):
     from safetensors.torch import save_file
-    (tmp_path / "bank").mkdir()
-    save_file({"clips": torch.zeros(1, 8, 9, 8, 8)}, str(tmp_path / "bank" / "shard_00000.safetensors"),
-              metadata=dict(vae="0123456789abcdef"))
+    (tmp_path / "bank").mkdir()  # the first shard is of this VAE, a later one of another: every shard is checked
+    for k, vae in enumerate([tw.vae_fingerprint(), "0123456789abcdef"]):
+        save_file({"clips": torch.zeros(1, 8, 9, 8, 8)}, str(tmp_path / "bank" / f"shard_{k:05d}.safetensors"),
+                  metadata=dict(vae=vae))
     with pytest.raises(common.InputError, match="another toy VAE"):
         tw.load_bank(tmp_path / "bank")
 
