@@ -468,7 +468,7 @@ FAMILIES = {  # each family keeps its real objective, text encoder, prompt conve
         time_embed_dim=64, text_embed_dim=32, num_layers=4, sample_width=8, sample_height=8,
         sample_frames=NUM_FRAMES, patch_size=1, temporal_compression_ratio=1, max_text_seq_length=MAX_TOKENS,
         use_rotary_positional_embeddings=True)),
-    "unet3d": dict(cls="UNet3DConditionModel", pred="eps", text="clip", zero_pad=False, config=dict(
+    "unet3d": dict(cls="UNet3DConditionModel", pred="eps", text="clip", zero_pad=False, offset_noise=0.5, config=dict(
         sample_size=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
@@ -658,11 +658,22 @@ def export_backbone(model, ema, path, args, step, seen):
     meta = dict(family=args.family, config=json.dumps(model.config), seed=str(args.seed), steps=str(step),
                 samples_seen=str(seen), batch=str(args.batch), lr=str(args.lr), ema=str(args.ema),
                 image_every=str(args.image_every), cfg_drop=str(args.cfg_drop), vae=vae_fingerprint(),
-                bank=str(args.bank or ""))
+                bank=str(args.bank or ""), offset_noise=str(args.offset_noise))
     ema.store(model.parameters()), ema.copy_to(model.parameters())  # the EMA weights, for the export only
     common.save_atomic({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, path,
                        lambda sd, p: save_file(sd, p, metadata=meta))
     ema.restore(model.parameters())
+
+
+def training_noise(shape, offset, gen):
+    """Gaussian noise for the diffusion loss, plus `offset` times a per-sample, per-channel constant ("offset noise",
+    Guttenberg 2023). Why the UNet3D needs it: ZeroScope's scaled_linear schedule keeps signal where sampling starts
+    (sqrt(alpha_bar) = 0.07-0.09), the toy backgrounds' latent means differ by up to 2.8 per channel, and the pure
+    noise's own per-channel mean on an 8 x 8 x F latent (std 1 / (8 sqrt F)) is no larger than what is left of them,
+    so a denoiser trained without it takes the background from the noise's mean instead of the caption. 0.5 swamps
+    that remnant; 0.1 (the usual value at real size) did not (results/toyworld/README.md, measured)."""
+    noise = torch.randn(shape, generator=gen)
+    return noise + offset * torch.randn(*shape[:2], *[1] * (len(shape) - 2), generator=gen) if offset else noise
 
 
 def pretrain(args):
@@ -708,6 +719,8 @@ def pretrain(args):
     tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
     cache, sched, vae = {}, noise_schedule(args.family), load_vae().to(dev)
     bank = load_bank(args.bank) if args.bank else None
+    if args.offset_noise is None:
+        args.offset_noise = fam.get("offset_noise", 0.0)  # resolved here, recorded by export_backbone
     if bank:
         print(f"drawing from the latent bank {args.bank}: {len(bank['clips'][1])} clips and as many stills")
     log = common.StepLog(ckpt.parent / "log.jsonl", every=args.log_every, append=args.resume)
@@ -730,7 +743,7 @@ def pretrain(args):
         drop = torch.rand(args.batch, generator=gen) < args.cfg_drop  # empty prompts, for guidance
         prompts = ["" if d else caption(c, image=image) for c, d in zip(concepts, drop)]
         text = common.encode_prompts(tok, enc, prompts, MAX_TOKENS, fam["zero_pad"], cache)
-        noise = torch.randn(z0.shape, generator=gen)
+        noise = training_noise(z0.shape, args.offset_noise, gen)
         t = sample_timesteps(args.family, args.batch, gen)
         z_t, target = common.noisy_and_target(fam["pred"], z0, noise, t, getattr(sched, "alphas_cumprod", None))
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):  # bf16 on a GPU, as the methods
@@ -1269,6 +1282,9 @@ def main(argv=None):
     pt.add_argument("--resume", action="store_true", help="continue from --ckpt, else from the exported weights")
     pt.add_argument("--log-every", type=int, default=50)
     pt.add_argument("--save-every", type=int, default=500)
+    pt.add_argument("--offset-noise", type=float, help="std of a per-channel constant added to the training noise "
+                                                        "(default: 0.5 for unet3d, whose schedule keeps signal at "
+                                                        "its last step; 0 for the others)")
     pt.add_argument("--bank", help="train on the latents stored by make-bank in this folder (else render and encode)")
     mb = sub.add_parser("make-bank", help="render pretraining clips and stills once and store their VAE latents")
     mb.add_argument("--out", default="out/bank", help="folder of fp16 shards (never committed)")

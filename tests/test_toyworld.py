@@ -442,3 +442,20 @@ def test_motion_report_reads_each_word_and_which_way_it_goes():
     assert report["circle"]["direction"] is None and report["still"]["direction"] is None
     backwards = tw.motion_report(clips.flip(1), concepts)
     assert all(backwards[m]["direction"] == 0.0 for m in ("left", "right", "up", "down")), backwards
+
+
+def test_offset_noise_gives_each_clips_channels_a_random_mean(tmp_path):
+    """Without it the per-channel mean of 8 x 8 x 9 noise has std 1/24; with offset 0.5 about 0.5. The UNet3D's
+    pretraining uses it by default and its exported file says so."""
+    shape = (256, 8, 9, 8, 8)
+    plain = tw.training_noise(shape, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(plain, torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    assert abs(plain.mean((2, 3, 4)).std().item() - 1 / 24) < 0.01
+    offset = tw.training_noise(shape, 0.5, torch.Generator().manual_seed(0))
+    assert abs(offset.mean((2, 3, 4)).std().item() - 0.5) < 0.05 and abs(offset.std().item() - 1.118) < 0.05
+    out = tmp_path / "unet3d.safetensors"
+    tw.main(["pretrain", "--family", "unet3d", "--batch", "2", "--steps", "1", "--out", str(out),
+             "--ckpt", str(tmp_path / "ckpt.pt")])
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["offset_noise"] == "0.5"
