@@ -574,12 +574,15 @@ def decode_latents(family, vae, z):
 
 
 @torch.no_grad()
-def sample(family, model, vae, text, uncond, steps=20, cfg=4.0, frames=NUM_FRAMES, gen=None):
-    """Plain text-to-video sampling with batched classifier-free guidance; returns videos (B, F, 3, 32, 32)."""
+def sample(family, model, vae, text, uncond, steps=20, cfg=4.0, frames=NUM_FRAMES, gen=None, z=None):
+    """Plain text-to-video sampling with batched classifier-free guidance, from z (B, C, F, h, w) or fresh noise;
+    returns videos (B, F, 3, 32, 32)."""
     sched = noise_schedule(family)
     sched.set_timesteps(steps)
     n, dev, s = text.shape[0], text.device, vae.config.scale_factor_spatial
-    z = torch.randn(n, vae.config.latent_channels, frames, SIZE // s, SIZE // s, generator=gen).to(dev)
+    if z is None:
+        z = torch.randn(n, vae.config.latent_channels, frames, SIZE // s, SIZE // s, generator=gen)
+    z = z.to(dev)
     cond = torch.cat([text, uncond.expand_as(text)])
     for t in sched.timesteps:
         out = backbone_forward(family, model, torch.cat([z, z]), t.expand(2 * n).to(dev), cond)

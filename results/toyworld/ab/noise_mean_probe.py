@@ -25,18 +25,6 @@ import toyworld as tw  # noqa: E402
 ALT = "another draw's mean"
 
 
-@torch.no_grad()
-def sample_from(family, model, vae, z, text, uncond, steps=20, cfg=4.0):
-    """toyworld.sample, from a given starting latent z."""
-    sched = tw.noise_schedule(family)
-    sched.set_timesteps(steps)
-    cond = torch.cat([text, uncond.expand_as(text)])
-    for t in sched.timesteps:
-        c, u = tw.backbone_forward(family, model, torch.cat([z, z]), t.expand(2 * len(z)), cond).chunk(2)
-        z = sched.step(u + cfg * (c - u), t, z).prev_sample
-    return tw.decode_latents(family, vae, z)
-
-
 def main(family, path=None, frames=tw.NUM_FRAMES, n=32):
     f = tw.FAMILIES[family]
     model, vae = tw.load_backbone(family, path), tw.load_vae()
@@ -55,7 +43,7 @@ def main(family, path=None, frames=tw.NUM_FRAMES, n=32):
               "zero mean": noise - mean(noise), "another draw": other}
     got = {}
     for name, z in starts.items():
-        videos = sample_from(family, model, vae, z, text, uncond)
+        videos = tw.sample(family, model, vae, text, uncond, z=z)
         got[name] = [tw.recognise(v) for v in videos]
         hits = [tw.prompt_following(v, c) for v, c in zip(videos, concepts)]
         print(f"{family}, {frames} frames, noise {name}: colour {sum(h['colour'] for h in hits) / n:.2f}, "
