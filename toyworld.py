@@ -366,6 +366,12 @@ def text_encoder(kind):
     return cls.from_pretrained(ASSETS / "text_encoders" / kind).eval().requires_grad_(False)
 
 
+def text_path(family):
+    """A family's tokenizer and frozen text encoder (UMT5 and T5 share the toy word-level one)."""
+    kind = FAMILIES[family]["text"]
+    return tokenizer("clip" if kind == "clip" else "t5"), text_encoder(kind)
+
+
 # -----------------------------------------------------------------------------
 # stand-ins for the papers' frozen encoders
 
@@ -719,7 +725,7 @@ def pretrain(args):
         ema.load_state_dict(state["ema"]), gen.set_state(state["gen"]), common.set_rng_state(state["rng"])
     print(f"pretraining toy {args.family} on {dev}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
           f"parameters, from step {step} to {args.steps}, batch {args.batch}")
-    tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
+    tok, enc = text_path(args.family)
     cache, sched, vae = {}, noise_schedule(args.family), load_vae().to(dev)
     bank = load_bank(args.bank) if args.bank else None
     if args.offset_noise is None:
@@ -1218,7 +1224,7 @@ def cmd_eval_base(args):
     fam = FAMILIES[args.family]
     torch.manual_seed(args.seed)  # the random stand-in, when no pretrained backbone exists yet, is seeded too
     model, vae = load_backbone(args.family, args.ckpt), load_vae()
-    tok, enc = tokenizer("clip" if fam["text"] == "clip" else "t5"), text_encoder(fam["text"])
+    tok, enc = text_path(args.family)
     concepts = random_concepts(args.n, torch.Generator().manual_seed(args.seed), heldout=True)
     image = args.frames == 1  # single frames: appearance alone, with the pretraining's still-image captions
     if image:

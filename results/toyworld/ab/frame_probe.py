@@ -18,6 +18,7 @@ still without direction).
     python results/toyworld/ab/frame_probe.py wan [FILE]
     python results/toyworld/ab/frame_probe.py cogvideox [FILE] [--mask-text]
 """
+import itertools
 import sys
 from pathlib import Path
 
@@ -25,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import toyworld as tw  # noqa: E402
+from time_probe import WORDS, level  # noqa: E402
 
 N_CLIPS = 64
 
@@ -74,15 +77,14 @@ def main(family, *rest):
     path = next((r for r in rest if not r.startswith("--")), None)
     f = tw.FAMILIES[family]
     model, vae = tw.load_backbone(family, path), tw.load_vae()
-    tok, enc = tw.tokenizer("clip" if f["text"] == "clip" else "t5"), tw.text_encoder(f["text"])
+    tok, enc = tw.text_path(family)
     gen = torch.Generator().manual_seed(0)
-    words = ("right", "left", "down", "up")
-    concepts = [dict(colour=c, shape=s, pattern="solid", motion=words[i % 4], background="gray")
-                for i, (c, s) in enumerate((c, s) for c in ("red", "green", "blue", "yellow")
-                                           for s in ("square", "circle", "triangle", "diamond"))] * (N_CLIPS // 16)
+    looks = itertools.product(("red", "green", "blue", "yellow"), ("square", "circle", "triangle", "diamond"))
+    concepts = [dict(colour=c, shape=s, pattern="solid", motion=list(WORDS)[i % 4], background="gray")
+                for i, (c, s) in enumerate(looks)] * (N_CLIPS // 16)
     text = common.encode_prompts(tok, enc, [tw.caption(c) for c in concepts], tw.MAX_TOKENS, f["zero_pad"])
     z = torch.randn(len(concepts), vae.config.latent_channels, tw.NUM_FRAMES, 8, 8, generator=gen)
-    t = torch.full((len(concepts),), 1000.0 if family == "wan" else 999)
+    t = level(family, 1.0, len(concepts))[1]  # the sampler's first step
     if mask:
         F.scaled_dot_product_attention = mask_text_keys(F.scaled_dot_product_attention, text.shape[1])
     feats = block_features(family, model, z, t, text)

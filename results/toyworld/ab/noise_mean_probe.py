@@ -28,7 +28,7 @@ ALT = "another draw's mean"
 def main(family, path=None, frames=tw.NUM_FRAMES, n=32):
     f = tw.FAMILIES[family]
     model, vae = tw.load_backbone(family, path), tw.load_vae()
-    tok, enc = tw.tokenizer("clip" if f["text"] == "clip" else "t5"), tw.text_encoder(f["text"])
+    tok, enc = tw.text_path(family)
     concepts = tw.random_concepts(n, torch.Generator().manual_seed(0), heldout=True)
     if frames == 1:
         concepts = [dict(c, motion="still") for c in concepts]

@@ -54,7 +54,7 @@ def main(family, path=None):
     torch.manual_seed(0)
     f = tw.FAMILIES[family]
     model, vae = tw.load_backbone(family, path), tw.load_vae()
-    tok, enc = tw.tokenizer("clip" if f["text"] == "clip" else "t5"), tw.text_encoder(f["text"])
+    tok, enc = tw.text_path(family)
     sched = tw.noise_schedule(family)
     for sigma in (1.0, 0.95, 0.9, 0.8):
         rows = []

@@ -20,7 +20,7 @@ from time_probe import signed_displacement  # noqa: E402
 def main(family, path=None, n=16):
     f = tw.FAMILIES[family]
     model, vae = tw.load_backbone(family, path), tw.load_vae()
-    tok, enc = tw.tokenizer("clip" if f["text"] == "clip" else "t5"), tw.text_encoder(f["text"])
+    tok, enc = tw.text_path(family)
     uncond = common.encode_prompts(tok, enc, [""], tw.MAX_TOKENS, f["zero_pad"])
     concepts = [dict(colour=c, shape=s, pattern="solid", background="gray")
                 for c in ("red", "green", "blue", "yellow") for s in ("square", "circle", "triangle", "cross")][:n]
