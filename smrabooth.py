@@ -135,10 +135,11 @@ def parse_args(argv=None):
     return args
 
 
-# the toy world: 9 frames of 32x32, its pretrained tiny Wan (flow shift 1), fewer sampling steps, a larger lr; no
-# checkpointing (its toy VAE has no causal decoder to checkpoint, and the toy needs no memory saving)
+# the toy world: 9 frames of 32x32, its pretrained tiny Wan (trained with the real flow shift 3, so --shift keeps its
+# default), fewer sampling steps, a larger lr; no checkpointing (its toy VAE has no causal decoder to checkpoint, and
+# the toy needs no memory saving)
 TOY = dict(subject_size=32, motion_size=[32, 32], motion_frames=9, height=32, width=32, frames=9, fps=4,
-           max_text_len=16, proj_hidden=64, lr=1e-3, batch=4, shift=1.0, steps=20, cfg=4.0, num_samples=4,
+           max_text_len=16, proj_hidden=64, lr=1e-3, batch=4, steps=20, cfg=4.0, num_samples=4,
            grad_ckpt=False, mora_ckpt=False)
 
 

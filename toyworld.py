@@ -465,9 +465,12 @@ def toy_flow(a, b, levels=None, iters=20, warps=2, alpha=0.2, min_size=8):
 # toy backbones: the real diffusers classes at tiny size, in the toy VAE's latent space (8 x F x 8 x 8)
 
 LATENT_CHANNELS = VAE_CONFIG["latent_channels"]
+# Wan: the real model's patch (1, 2, 2) and flow shift 3 (the real pipeline's 480p value) in training and sampling;
+# with uniform sigmas (shift 1) the toy Wan never learnt which frame comes first, so which way "left" or "up" goes
+# (results/toyworld/README.md, the shift A/B)
 FAMILIES = {  # each family keeps its real objective, text encoder, prompt convention and latent normalisation
-    "wan": dict(cls="WanTransformer3DModel", pred="flow", text="umt5", zero_pad=True, shift=1.0, config=dict(
-        patch_size=(1, 1, 1), num_attention_heads=2, attention_head_dim=32, in_channels=LATENT_CHANNELS,
+    "wan": dict(cls="WanTransformer3DModel", pred="flow", text="umt5", zero_pad=True, shift=3.0, config=dict(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS, text_dim=32, freq_dim=32, ffn_dim=256, num_layers=4, rope_max_seq_len=32)),
     "cogvideox": dict(cls="CogVideoXTransformer3DModel", pred="v", text="t5", zero_pad=False, config=dict(
         num_attention_heads=2, attention_head_dim=32, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
