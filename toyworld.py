@@ -114,9 +114,13 @@ def trajectory(motion, n, gen, frames=NUM_FRAMES):
         x, y = 6 * torch.cos(ang) + 2 * jit[:, :1], 6 * torch.sin(ang) + 2 * jit[:, 1:]
     elif motion == "still":
         x, y = 4 * jit[:, :1].expand(n, frames), across
-    elif motion == "zigzag":  # left to right while hopping 5 px up and down every frame
+    elif motion == "zigzag":  # left to right along a triangle wave: 2.5 px a frame down, up, up, down (period 8)
+        # Not a hop every frame: that is pi radians a frame, above the fastest rotary frequency of time in the toy
+        # Wan and CogVideoX (1 radian a frame), and no adapter learnt it from one clip (results/toyworld/README.md,
+        # "the novel zigzag"); real VAEs fold 4 frames into a latent, so real reference motion is slower still.
         x = along
-        y = 2 * jit[:, 1:] + 2.5 * (1 - 2 * (torch.arange(frames) % 2)).float()
+        wave = torch.tensor([0.0, 1, 2, 1, 0, -1, -2, -1])[torch.arange(frames) % 8]
+        y = 2 * jit[:, 1:] + 2.5 * wave
     else:
         raise ValueError(f"unknown motion {motion!r}")
     return torch.stack([x + c, y + c], -1)

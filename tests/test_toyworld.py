@@ -138,7 +138,8 @@ def test_customization_metrics_on_ground_truth():
     ref = tw.motion_clip()
     ideal = tw.render([dict(tw.SUBJECT, motion="zigzag", background="white")], gen)[0]
     m = tw.evaluate(ideal, images, ref)
-    assert m["identity"] == 1 and m["motion"] > 0.99 and m["leakage"] == 0 and m["dynamics"] > 3
+    # the zigzag moves 1.5 px right and 2.5 px up or down a frame
+    assert m["identity"] == 1 and m["motion"] > 0.99 and m["leakage"] == 0 and m["dynamics"] > 2.5
     copy = tw.evaluate(ref, images, ref)  # the motion video itself: all leakage, no identity
     assert copy["identity"] == 0 and copy["leakage"] == 1
     other = tw.render([dict(colour="green", shape="cross", pattern="checkered", motion="zigzag",
