@@ -171,6 +171,19 @@ def test_bundled_assets_match_the_code():
     assert tw.classify_motion(tw.centroids(tw.segment(clip)[1])) == "zigzag"
 
 
+def test_the_zigzag_turns_slower_than_the_backbones_fastest_sense_of_time():
+    """The novel zigzag goes up or down 2.5 px a frame along a triangle wave of period 8 frames (pi/4 radians a
+    frame), under the 1 radian a frame of the fastest rotary frequency of time in the toy transformers; a hop every
+    frame (pi radians a frame) was learnt by no adapter (results/toyworld/README.md, "the novel zigzag")."""
+    traj = tw.trajectory("zigzag", 3, torch.Generator().manual_seed(0))
+    assert torch.allclose(traj[..., 0].diff(dim=1), torch.tensor(1.5))  # drifting right
+    dy = traj[..., 1].diff(dim=1)
+    assert torch.allclose(dy.abs(), torch.tensor(2.5))
+    assert (dy.sign() == torch.tensor([1, 1, -1, -1, -1, -1, 1, 1])).all()
+    rope = tw.build_backbone("wan").rope  # its time columns come first; at frame 1 each angle is its frequency
+    assert torch.arccos(rope.freqs_cos[1, :rope.t_dim].clamp(-1, 1)).max() <= 1 + 1e-6
+
+
 def test_make_task_writes_a_second_task_the_metrics_read_back(tmp_path):
     """`toyworld.py make-task` renders TASK2 as the bundled task is laid out; its photos and clip are recognised as
     the factors asked for, the clip is a zigzag sharing no factor with the subject, and a rendered video of the

@@ -1,9 +1,10 @@
 """An A/B wrapper: does the toy Wan learn which frame is first (and so the sign of a motion word) when its training
-spends as much of its time near pure noise as CogVideoX's does? (Measured: yes, below.) Runs any toyworld.py command
-with Wan's flow shift (training noise levels and sampler alike) set to SHIFT (default 3).
+spends as much of its time near pure noise as CogVideoX's does? (Measured: yes, below; shift 3 has since become the
+Wan's recipe in toyworld.FAMILIES, so SHIFT=1 now gives the control arm.) Runs any toyworld.py command with Wan's
+flow shift (training noise levels and sampler alike) set to SHIFT (default 3).
 
-    SHIFT=3 python results/toyworld/ab/shift.py pretrain --family wan --resume --bank out/bank ...
-    SHIFT=3 python results/toyworld/ab/shift.py eval-base --family wan --ckpt FILE --n 64
+    SHIFT=1 python results/toyworld/ab/shift.py pretrain --family wan --resume --bank out/bank ...
+    SHIFT=1 python results/toyworld/ab/shift.py eval-base --family wan --ckpt FILE --n 64
 
 Why: frame_probe.py finds that from pure noise CogVideoX's blocks know each token's frame (held-out R^2 0.94-1.00)
 and Wan's do not (-0.8 to 0.3), though both see frames only through rotary offsets. CogVideoX's zero-terminal-SNR
