@@ -12,6 +12,13 @@ from helpers import (MOT, SUBJ, check_bad_input, copy_of, earlier_run, empty_dir
 
 C = tw.LATENT_CHANNELS  # the toy VAE's latent channels
 
+
+def token_grid(model):
+    """The toy Wan's token grid on an 8x8 latent frame (one token per patch) and its width."""
+    cfg = model.config
+    return (8 // cfg.patch_size[1], 8 // cfg.patch_size[2]), cfg.num_attention_heads * cfg.attention_head_dim
+
+
 FAST = ["--model", "toy", "--subject-steps", "4", "--motion-steps", "4", "--steps", "3", "--batch", "2",
         "--log-every", "2"]
 
@@ -31,10 +38,8 @@ def test_hook_takes_the_output_of_block_0():
     model.blocks[1].register_forward_hook(lambda m, i, o: seen.__setitem__("in1", i[0]))
     sm.block0_hook(model, store)
     model(torch.randn(1, C, 1, 8, 8), torch.tensor([500.0]), torch.randn(1, 16, 32))
-    cfg = model.config  # one token per patch of the 8x8 latent frame, of the model's width
-    tokens = (8 // cfg.patch_size[1]) * (8 // cfg.patch_size[2])
-    width = cfg.num_attention_heads * cfg.attention_head_dim
-    assert store["h"].shape == (1, tokens, width) and torch.equal(store["h"], seen["out"])
+    (h, w), width = token_grid(model)
+    assert store["h"].shape == (1, h * w, width) and torch.equal(store["h"], seen["out"])
     assert torch.equal(store["h"], seen["in1"])  # i.e. what block 1 receives
 
 
@@ -170,9 +175,7 @@ def test_gradients_reach_only_the_active_lora_and_the_projector():
     args = sm.parse_args(["--model", "toy"])
     model = tw.build_backbone("wan")
     subject, motion = sm.add_loras(model, args)
-    cfg = model.config
-    tokens = (8 // cfg.patch_size[1]) * (8 // cfg.patch_size[2])
-    width = cfg.num_attention_heads * cfg.attention_head_dim
+    (h, w), width = token_grid(model)
     projector = sm.Projector(width, 16, 32)
     store = {}
     sm.block0_hook(model, store)
@@ -183,7 +186,7 @@ def test_gradients_reach_only_the_active_lora_and_the_projector():
         torch.nn.init.normal_(p, std=0.02)
     v = model(torch.randn(2, C, 1, 8, 8), torch.tensor([500.0, 100.0]), torch.randn(2, 16, 32),
               return_dict=False)[0]
-    loss = v.pow(2).mean() + sm.sura_loss(store["h"], projector, torch.randn(2, tokens, 32))
+    loss = v.pow(2).mean() + sm.sura_loss(store["h"], projector, torch.randn(2, h * w, 32))
     loss.backward()
     grads = {n for n, p in list(model.named_parameters()) + list(projector.named_parameters())
              if p.grad is not None and p.grad.abs().sum() > 0}
@@ -419,8 +422,7 @@ def test_dinov2_loads_only_where_sura_trains_and_is_freed(monkeypatch):
         return dino
     monkeypatch.setattr(sm, "load_dino", watched)
     transformer, images = tw.build_backbone("wan"), torch.zeros(2, 3, 32, 32)
-    cfg = transformer.config  # the 8x8 latent's token grid and the model's width
-    grid, width = (8 // cfg.patch_size[1], 8 // cfg.patch_size[2]), cfg.num_attention_heads * cfg.attention_head_dim
+    grid, width = token_grid(transformer)
     toy = lambda *flags: sm.parse_args(["--model", "toy", *flags])
     targets, projector = sm.sura_targets(toy(), dict(stage="subject"), transformer, images, grid, torch.float32)
     assert targets.shape[:2] == (2, grid[0] * grid[1])

@@ -3,7 +3,7 @@ enough for the backbone's sense of time? The world's first zigzag reversed every
 radians per frame), while the fastest rotary frequency of time in the toy Wan and CogVideoX is 1 radian per frame (a
 period of 6.3 frames). `write P OUT` writes the bundled task (the star; the blue striped square going left to right,
 1.5 px per frame) with a zigzag of period P frames: P = 2 is the first bundled clip (5 px hops); P = 4 rises and falls
-over two frames (0, +2.5, 0, -2.5, ...: results/dualreal/diagnosis/slow_zigzag.py); P = 8 is a triangle wave of
+over two frames (0, +2.5, 0, -2.5, ...: DualReal's diagnosis, point 6); P = 8 is a triangle wave of
 2.5 px steps (0, 2.5, 5, 2.5, 0, -2.5, -5, -2.5, 0), the world's zigzag since this experiment; an optional STEP
 scales the offsets (default 2.5 px; P = 4 with STEP 5 has P = 8's 10 px from top to bottom). `score TASK RUN...`
 reads each run's samples (RUN/seed*/result_grid.mp4 or RUN/result_grid.mp4) and prints the motion score against
@@ -41,6 +41,11 @@ def write(period, out, step=2.5):
     tw.write_task(out)
 
 
+def vertical(traj):
+    """The trajectory's up-and-down alone (x held at 0), so that motion_score ignores the drift."""
+    return torch.stack([torch.zeros_like(traj[:, 1]), traj[:, 1]], -1)
+
+
 def score(task, runs):
     clip = common.read_video(Path(task) / "motion", tw.NUM_FRAMES)
     ref = tw.centroids(tw.segment(clip)[1])
@@ -51,11 +56,10 @@ def score(task, runs):
             video = F.avg_pool2d(common.read_video(grid, tw.NUM_FRAMES), 8)  # back to 32 px panels
             for panel in range(2, video.shape[-1] // tw.SIZE):  # skip the subject and motion panels
                 traj = tw.centroids(tw.segment(video[..., tw.SIZE * panel:tw.SIZE * (panel + 1)])[1])
-                vertical = lambda t: torch.stack([torch.zeros_like(t[:, 1]), t[:, 1]], -1)  # noqa: E731
                 rows.append((tw.motion_score(traj, ref), tw.motion_score(vertical(traj), vertical(ref))))
         n = len(rows)
-        motion, vertical = (sum(r[k] for r in rows) / n for k in (0, 1))
-        print(f"{run}: {n} samples, motion {motion:.3f}, vertical {vertical:.3f}")
+        motion, up_down = (sum(r[k] for r in rows) / n for k in (0, 1))
+        print(f"{run}: {n} samples, motion {motion:.3f}, vertical {up_down:.3f}")
 
 
 if __name__ == "__main__":
