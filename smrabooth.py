@@ -76,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--sura-lambda", type=float, default=0.05, help="lambda: weight of L_SuRA")
     p.add_argument("--mora-alpha", type=float, default=1.0, help="alpha: weight of L_MoRA")
     p.add_argument("--mora-window", type=int, default=6, help="latent frames decoded per MoRA step (supp. 2.2: 6 = "
-                                                              "21 frames, 16 kept); fewer need less memory (min. 3)")
+                                                              "21 frames, 16 kept; the toy preset: 4 frames); fewer "
+                                                              "need less memory (min. 3)")
     p.add_argument("--mora-ckpt", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute MoRA's VAE decode in the backward pass, latent frame by latent frame (memory for "
                         "speed; not the paper's; on by default: with --grad-ckpt it brings the motion stage to ~45 GB)")
@@ -140,7 +141,7 @@ def parse_args(argv=None):
 # the toy needs no memory saving)
 TOY = dict(subject_size=32, motion_size=[32, 32], motion_frames=9, height=32, width=32, frames=9, fps=4,
            max_text_len=16, proj_hidden=64, lr=1e-3, batch=4, steps=20, cfg=4.0, num_samples=4,
-           grad_ckpt=False, mora_ckpt=False)
+           grad_ckpt=False, mora_ckpt=False, mora_window=4)
 
 
 # -----------------------------------------------------------------------------
@@ -236,9 +237,11 @@ def read_inputs(args):
 
 def check_motion_frames(args):
     """MoRA's window of w latents decodes 1 + 4 (w - 1) frames of Wan's causal VAE and keeps the last 4 (w - 2)
-    (supplement 2.2: 6 latents, 21 frames, 16 kept): the reference clip must be that long."""
+    (supplement 2.2: 6 latents, 21 frames, 16 kept), w frames of the toy VAE: the reference clip must be that long."""
     n, w = args.motion_frames, args.mora_window
-    if n < 4 * (w - 1) + 1:
+    if args.model == "toy" and n < w:
+        common.fail(f"--motion-frames {n} is shorter than MoRA's window of {w} frames: use a smaller --mora-window")
+    if args.model != "toy" and n < 4 * (w - 1) + 1:
         common.fail(f"--motion-frames {n} is shorter than MoRA's window of {w} latents ({4 * (w - 1) + 1} frames, "
                     f"supplement 2.2): use a longer clip or a smaller --mora-window (3 or more)")
 
@@ -435,10 +438,10 @@ def window(vae, num_latents, k, size):
     """Sliding-window decode plan (supplement 2.2): decode latents k..k+size-1 (6 -> 1 + 4 * 5 = 21 frames), drop
     the first 5 decoded frames (the causal VAE's warm-up: the first latent's frame and the next latent's 4) and keep
     16 = reference frames 4k+5 .. 4k+20. Returns (start, end, dropped, reference indices of the kept frames).
-    Without temporal compression (the toy VAE, frame by frame) the window is the whole clip and nothing is dropped."""
+    Without temporal compression (the toy VAE, frame by frame) a latent is a frame: frames k..k+size-1, all kept."""
     t = vae.config.scale_factor_temporal
     if t == 1:
-        return 0, num_latents, 0, list(range(num_latents))
+        return k, k + size, 0, list(range(k, k + size))
     drop = 1 + t
     return k, k + size, drop, list(range(t * k + drop, t * k + drop + t * (size - 2)))
 
@@ -712,9 +715,10 @@ def main(argv=None):
         common.check_pretrained(args.model, "--model")
         if not (args.sample_only or args.no_sura):  # only SuRA needs DINOv2
             common.check_pretrained(args.dino, "--dino", "config.json")
-        if not (args.sample_only or args.no_mora):  # only MoRA needs the flow network and a long enough clip
+        if not (args.sample_only or args.no_mora):  # only MoRA needs the flow network
             check_raft_weights(args.raft_weights)
-            check_motion_frames(args)
+    if not (args.sample_only or args.no_mora):
+        check_motion_frames(args)
     out = Path(args.out)
     common.check_out(out, args.resume, args.sample_only, args.overwrite)
     if args.sample_only:

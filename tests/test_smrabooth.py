@@ -78,8 +78,8 @@ def test_window_decode_keeps_reference_frames_4k_plus_5_to_4k_plus_20():
     assert full.shape[2] == 21 and torch.allclose(frames, full[:, :, 5:].transpose(1, 2), atol=1e-6)
     frames.sum().backward()
     assert z.grad[:, :, 2:8].abs().sum() > 0 and z.grad[:, :, :2].abs().sum() == 0
-    # the toy pixel VAE has no temporal compression: the window is the whole clip
-    assert sm.window(tw.load_vae(), 9, 0, 6) == (0, 9, 0, list(range(9)))
+    # the toy pixel VAE has no temporal compression: a latent is a frame, and every decoded frame is kept
+    assert sm.window(tw.load_vae(), 9, 2, 4) == (2, 6, 0, [2, 3, 4, 5])
 
 
 def test_checkpointed_decode_equals_the_vae_and_keeps_less():
@@ -524,6 +524,7 @@ BAD_FLAGS = {  # flags -> the words the one-line error must hold
     "subject scale -1": (["--subject-early-scale=-1"], "--subject-early-scale must be >= 0"),
     "motion scale inf": (["--motion-scale", "inf"], "--motion-scale must be a finite number"),
     "MoRA window 2": (["--mora-window", "2"], "3 or more latents"),
+    "MoRA window past the toy clip": (["--mora-window", "10"], "--motion-frames 9 is shorter than MoRA's window of 10"),
     "motion frames 8": (["--motion-frames", "8"], "--motion-frames 8: Wan's VAE encodes 4k+1 frames; use 5 or 9"),
     "motion frames 1": (["--motion-frames", "1"], "--motion-frames 1: Wan's VAE encodes 4k+1 frames"),
     "frames 10": (["--frames", "10"], "--frames 10: Wan's VAE encodes 4k+1 frames; use 9 or 13"),
